@@ -5,14 +5,29 @@ resolved by `data_root()`: explicit `set_data_root()`, else ``$P5JAX_DATA_DIR``,
 else ``~/.cache/p5jax/data``)::
 
   <root>/<name>/manifest.json   dataset, source, indexing, seed, kcore, counts,
-                                families, sha256 of every file below
+                                families, sha256 of every file below ("files")
+                                and of the raw inputs ("raw_files"), provenance
   <root>/<name>/datamaps.json   user2id / item2id (raw id -> p5 id), id2user,
-                                id2item, item_titles {p5 id: title},
+                                id2item, user_names {p5 id: name},
+                                item_titles {p5 id: title},
                                 item_meta {p5 id: {"genres": .., "brand": ..}}
-  <root>/<name>/sequential.jsonl  one JSON object per user (all splits' source)
-  <root>/<name>/reviews.jsonl     one JSON object per review, with "split"
+  <root>/<name>/sequential.jsonl  one JSON object per user (all splits' source):
+                                {"user_id", "user_name", "items": [chronological
+                                p5 ids], "timestamps", "candidates":
+                                {"validation": [100], "test": [100]},
+                                "negatives": [99]}
+  <root>/<name>/reviews.jsonl     one JSON object per review: the `reviews`
+                                features below plus "split"
+  <root>/<name>/corpus.txt        text for the vocabulary trainer, one unique
+                                line each: item titles, genres / categories /
+                                brands, user names, and summaries, review texts
+                                and explanations of *training* reviews only
   <root>/<name>/spiece.model      SentencePiece model (T5 id layout), see vocab.py
   <root>/tfds/p5_<name>/{sequential,reviews}/<VERSION>/...   TFDS-built splits
+
+`prepare` replaces <root>/<name>/ and <root>/tfds/p5_<name>/ as a whole (so a
+re-prepare also drops a stale spiece.model: the vocabulary must be retrained).
+TFDS builders: `p5jax.data.tfds_builder` (import it to register them).
 
 ``<name>`` is a dataset key from `DATASETS` (e.g. ``ml100k``, ``amazon_beauty``).
 P5 ids are decimal strings starting at "1" ("user_23", "item_7391" in prompts).
@@ -32,8 +47,10 @@ sequential (one example per user; leave-one-out):
                         direct-family training negatives; same in all splits
 
 reviews (one example per user-item rating/review; 80/10/10 split, every user
-and item appears in train; pairs that are sequential validation/test targets
-are never in the reviews train split -- that would leak the held-out item):
+and item appears in train whenever it has a review allowed there -- see
+counts items/users_without_train_review; pairs that are sequential
+validation/test targets are never in the reviews train split -- that would
+leak the held-out item):
   user_id, item_id, user_name, item_title   string
   rating      float32  1..5
   timestamp   int64
@@ -41,6 +58,12 @@ are never in the reviews train split -- that would leak the held-out item):
   summary     string  review summary / title, or ""
   explanation string  one sentence of the review that explains it, or ""
   feature     string  one feature word that occurs in `explanation`, or ""
+              (derived when the source has none: explanation = first sentence
+              with >= 4 words; feature = its non-stopword word found in the
+              most training reviews of that item; see processing.py)
+
+Candidates, negatives and splits are sampled in a canonical order of raw ids,
+so they are the same raw items under every item indexing.
 """
 import dataclasses
 import os
