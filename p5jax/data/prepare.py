@@ -133,6 +133,9 @@ def _write_dataset(folder: str, key: str, source: str, raw: RawDataset,
   with open(os.path.join(folder, "corpus.txt"), "w", encoding="utf-8") as f:
     for line in corpus_lines(raw, p):
       f.write(line + "\n")
+  # The vocabulary is part of the prepared data: tasks tokenize with it.
+  from p5jax import vocab  # pylint: disable=g-import-not-at-top
+  vocab.build_dataset_vocabulary(folder, key)
   spec = schema.DATASETS[key]
   files = {n: sha256_file(os.path.join(folder, n)) for n in sorted(os.listdir(folder))}
   manifest = {
