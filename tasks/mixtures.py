@@ -6,6 +6,8 @@
   "sequential": 5.0}`` (missing families: ``default_rate``, 1.0).
 * ``p5_<dataset>_<family>_eval``: every per-prompt task of the family, seen and
   unseen (validation / test).
+* ``p5_<dataset>_eval``: every per-prompt task of every family of the dataset
+  (what the main job evaluates).
 * ``p5_<dataset>_unseen``: the per-prompt tasks of the unseen prompts (1-10,
   2-13, 3-12, 4-4, 5-8) available on the dataset: zero-shot evaluation.
 
@@ -58,6 +60,10 @@ def family_eval_mixture_name(dataset: str, family: str) -> str:
   return f"p5_{dataset}_{family}_eval"
 
 
+def all_eval_mixture_name(dataset: str) -> str:
+  return f"p5_{dataset}_eval"
+
+
 def unseen_mixture_name(dataset: str) -> str:
   return f"p5_{dataset}_unseen"
 
@@ -74,18 +80,20 @@ def register_mixtures(datasets: Optional[Sequence[str]] = None) -> List[str]:
     _add_mixture(name, [(p5_tasks.train_task_name(dataset, f), pretrain_rate)
                         for f in families])
     names.append(name)
-    unseen = []
+    unseen, every = [], []
     for family in families:
       prompts = templates_lib.family_templates(family)
       name = family_eval_mixture_name(dataset, family)
       _add_mixture(name, [p5_tasks.eval_task_name(dataset, family, t.id)
                           for t in prompts])
       names.append(name)
+      every += [p5_tasks.eval_task_name(dataset, family, t.id) for t in prompts]
       unseen += [p5_tasks.eval_task_name(dataset, family, t.id)
                  for t in prompts if not t.seen]
-    name = unseen_mixture_name(dataset)
-    _add_mixture(name, unseen)
-    names.append(name)
+    for name, members in ((all_eval_mixture_name(dataset), every),
+                          (unseen_mixture_name(dataset), unseen)):
+      _add_mixture(name, members)
+      names.append(name)
   REGISTERED_MIXTURES[:] = sorted(set(REGISTERED_MIXTURES) | set(names))
   return names
 
