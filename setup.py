@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "pyarrow>=15",
     "tqdm>=4.66",
+    # clu.metric_writers writes TensorBoard summaries through it.
+    "tensorboard>=2.21,<2.22",
 ]
 
 EXTRAS_REQUIRE = {
