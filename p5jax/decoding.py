@@ -6,13 +6,18 @@ It keeps T5X's names, signatures and conventions so T5X users feel at home:
 * `inputs` is `[batch, length]` int32 in decoder-input layout: position 0 is
   the BOS token 0 and a non-zero `inputs[:, i + 1]` forces output position `i`
   (a prompt); all-zero `inputs` means free decoding.
-* `tokens_to_logits(DecodingState) -> (logits [batch * beams, vocab], cache)`.
+* `tokens_to_logits(DecodingState) -> (logits [batch * beams, vocab], cache)`;
+  beam search feeds its first step `batch` rows when the cache is batch-sized
+  (all beams start identical; see `first_step_per_example`).
 * `cache` is the model's autoregressive cache. Its array leaves may have a
   leading (after `cache_offset` scan axes) dim of `batch` (T5X convention: the
   decoder expands them) or `batch * beams` (already expanded by the caller with
   `flat_batch_beam_expand`); the choice is made statically from the shapes.
   Scalar leaves and the T5X bookkeeping leaves (`cache_index`, `cached_bias`,
-  `position_embedder_index`) are never expanded.
+  `position_embedder_index`) are never expanded, nor are the precomputed
+  cross-attention keys/values (`cached_cross_key`, `cached_cross_value`):
+  they stay per example, shared by its beams, and the model's attention
+  broadcasts them over the beam rows.
 * Results are `(sequences [batch, num_decodes, max_decode_len],
   scores [batch, num_decodes])` sorted ascending by score: the best is last.
 * Everything runs inside `lax.while_loop`: no Python callback per step.
@@ -60,6 +65,11 @@ MIN_TEMPERATURE = np.array(1e-4, dtype=np.float32)
 
 # Cache leaves that are bookkeeping, not per-example state (as in T5X).
 _CACHE_NON_BATCH_LEAVES = ("cache_index", "cached_bias", "position_embedder_index")
+# Per-example leaves that all beams of an example share and that never change
+# while decoding (the encoder keys/values of each cross-attention, see
+# `layers.MultiHeadDotProductAttention`): never expanded per beam nor
+# reordered, so a step neither copies nor gathers them.
+_CACHE_SHARED_LEAVES = ("cached_cross_key", "cached_cross_value")
 
 
 class DecodingError(ValueError):
@@ -146,11 +156,12 @@ def cache_map(fn: Callable[[jnp.ndarray], jnp.ndarray], cache: PyTree,
               apply_to_index: bool = False) -> PyTree:
   """Applies `fn` to every per-example array of a cache pytree.
 
-  Skips scalars and T5X bookkeeping leaves (`cache_index` unless
-  `apply_to_index`, `cached_bias`, `position_embedder_index`). Works on dicts,
-  FrozenDicts and any other pytree.
+  Skips scalars, T5X bookkeeping leaves (`cache_index` unless
+  `apply_to_index`, `cached_bias`, `position_embedder_index`) and the
+  beam-shared cross-attention leaves (`cached_cross_key`,
+  `cached_cross_value`). Works on dicts, FrozenDicts and any other pytree.
   """
-  skip = set(_CACHE_NON_BATCH_LEAVES)
+  skip = set(_CACHE_NON_BATCH_LEAVES) | set(_CACHE_SHARED_LEAVES)
   if apply_to_index:
     skip.discard("cache_index")
 
@@ -177,6 +188,13 @@ def _expand_cache(cache: PyTree, batch_size: int, beam_size: int,
         f"expected batch={batch_size} or batch*beams={batch_size * beam_size}.")
 
   return cache_map(expand, cache)
+
+
+def _cache_is_per_example(cache: PyTree, batch_size: int, offset: int) -> bool:
+  """True iff every per-example cache leaf has dim `batch_size` at `offset`."""
+  leads = []
+  cache_map(lambda x: leads.append(x.shape[offset]) or x, cache)
+  return all(lead == batch_size for lead in leads)
 
 
 def _gather_beams(x: jnp.ndarray, beam_indices: jnp.ndarray) -> jnp.ndarray:
@@ -435,6 +453,7 @@ def beam_search(inputs: jnp.ndarray,
                 cache_offset: int = 0,
                 constraint: Optional[ItemTrie] = None,
                 exclude: Optional[jnp.ndarray] = None,
+                first_step_per_example: bool = True,
                 ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Beam search with T5X semantics, optionally constrained to catalog items.
 
@@ -461,6 +480,12 @@ def beam_search(inputs: jnp.ndarray,
     cache_offset: number of leading scan axes in cache arrays.
     constraint: optional `ItemTrie`: only catalog item ids + EOS are decoded.
     exclude: optional [batch, X] int32 item indices (-1 padded) not to return.
+    first_step_per_example: when every per-example cache leaf is batch-sized,
+      run the first step on `batch` rows (one per example: all beams start
+      identical) instead of `batch * num_decodes`, then expand the cache per
+      beam. Results are the same; set False for a `tokens_to_logits` that
+      only handles `batch * num_decodes` rows (e.g. one closing over
+      per-beam encodings, as T5X's models do).
 
   Returns:
     sequences [batch, num_decodes, max_decode_len] and scores
@@ -489,7 +514,14 @@ def beam_search(inputs: jnp.ndarray,
       finished_seqs=jnp.zeros((batch_size, beam_size, seq_len), jnp.int32),
       finished_flags=jnp.zeros((batch_size, beam_size), jnp.bool_),
       live_nodes=jnp.zeros((batch_size, beam_size), jnp.int32),
-      cache=_expand_cache(cache, batch_size, beam_size, cache_offset))
+      cache=cache)
+  # All beams start from the same prefix and cache, so with a batch-sized
+  # cache the first step runs once per example (B rows, not B * beams) and
+  # its logits serve every beam; the cache is expanded per beam after it.
+  share_first_step = (first_step_per_example and beam_size > 1 and max_decode_len > 0
+                      and _cache_is_per_example(cache, batch_size, cache_offset))
+  if not share_first_step:
+    init = init.replace(cache=_expand_cache(cache, batch_size, beam_size, cache_offset))
 
   def cond_fn(state: BeamState):
     not_at_end = state.cur_index < max_decode_len
@@ -500,39 +532,48 @@ def beam_search(inputs: jnp.ndarray,
               (best_live_BxO < _INVALID))
     return not_at_end & ~jnp.all(done_B)
 
-  def body_fn(state: BeamState) -> BeamState:
+  def body_fn(state: BeamState, shared_step: bool = False) -> BeamState:
+    """One step; `shared_step`: the first step, run on one row per example."""
     i = state.cur_index
-    cur_BxKx1 = lax.dynamic_slice_in_dim(state.live_seqs, i, 1, axis=2)
-    logits_BKxV, new_cache = tokens_to_logits(DecodingState(
+    # R = rows per example fed to the model: 1 on a shared step (the alive
+    # beam K-1 stands for all), else K. Per-row results [B, R, ...] broadcast
+    # over the K beams below; on a shared step every beam has the same
+    # prefix, node and logits, so this equals the unshared computation.
+    rows = 1 if shared_step else beam_size
+    live_seqs_BxRxL = state.live_seqs[:, beam_size - rows:]
+    cur_BxRx1 = lax.dynamic_slice_in_dim(live_seqs_BxRxL, i, 1, axis=2)
+    logits_BRxV, new_cache = tokens_to_logits(DecodingState(
         cur_index=i,
-        sequences=state.live_seqs.reshape(batch_size * beam_size, seq_len),
-        cur_token=cur_BxKx1.reshape(batch_size * beam_size, 1),
+        sequences=live_seqs_BxRxL.reshape(batch_size * rows, seq_len),
+        cur_token=cur_BxRx1.reshape(batch_size * rows, 1),
         cache=state.cache))
-    vocab_size = logits_BKxV.shape[-1]
+    vocab_size = logits_BRxV.shape[-1]
     _check_constraint(constraint, exclude, vocab_size, max_decode_len)
-    logits_BxKxV = logits_BKxV.astype(jnp.float32).reshape(
-        batch_size, beam_size, vocab_size)
+    logits_BxRxV = logits_BRxV.astype(jnp.float32).reshape(batch_size, rows, vocab_size)
+    live_lp_BxKx1 = state.live_logprobs[..., None]
 
     # Candidate extensions per beam: all tokens, or the trie node's children.
     if constraint is None:
-      log_probs_BxKxV = (jax.nn.log_softmax(logits_BxKxV)
-                         + state.live_logprobs[..., None])
+      log_probs_BxKxV = jax.nn.log_softmax(logits_BxRxV) + live_lp_BxKx1
       cands = beam_size * vocab_size
       cand_lp_BxC = log_probs_BxKxV.reshape(batch_size, cands)
     else:
-      win_tok_BxKxM, win_child_BxKxM, win_valid_BxKxM = constraint.window(
-          state.live_nodes)
+      win_tok_BxRxM, win_child_BxRxM, win_valid_BxRxM = constraint.window(
+          state.live_nodes[:, beam_size - rows:])
       if exclude is not None:
-        win_valid_BxKxM &= ~((win_tok_BxKxM == eos_id) & _excluded_leaves(
-            constraint, win_child_BxKxM, exclude))
+        win_valid_BxRxM &= ~((win_tok_BxRxM == eos_id) & _excluded_leaves(
+            constraint, win_child_BxRxM, exclude))
       # Log-probs of the allowed tokens only: a logsumexp reduction plus a
       # gather, instead of materialising the full [B, K, V] log-softmax.
-      log_z_BxKx1 = jax.nn.logsumexp(logits_BxKxV, axis=-1, keepdims=True)
+      log_z_BxRx1 = jax.nn.logsumexp(logits_BxRxV, axis=-1, keepdims=True)
       cand_lp_BxKxM = jnp.where(
-          win_valid_BxKxM,
-          jnp.take_along_axis(logits_BxKxV, win_tok_BxKxM, axis=2) - log_z_BxKx1
-          + state.live_logprobs[..., None],
-          NEG_INF + state.live_logprobs[..., None])
+          win_valid_BxRxM,
+          jnp.take_along_axis(logits_BxRxV, win_tok_BxRxM, axis=2) - log_z_BxRx1
+          + live_lp_BxKx1,
+          NEG_INF + live_lp_BxKx1)
+      win_shape = (batch_size, beam_size, win_tok_BxRxM.shape[-1])
+      win_tok_BxKxM = jnp.broadcast_to(win_tok_BxRxM, win_shape)
+      win_child_BxKxM = jnp.broadcast_to(win_child_BxRxM, win_shape)
       width = constraint.max_degree
       if width < 2:  # top_k below needs at least 2 * beams candidates
         pad = ((0, 0), (0, 0), (0, 2 - width))
@@ -609,8 +650,13 @@ def beam_search(inputs: jnp.ndarray,
         finished_seqs=_gather_beams(all_seqs, fin_BxK),
         finished_flags=jnp.take_along_axis(all_flags, fin_BxK, axis=1),
         live_nodes=jnp.take_along_axis(child_Bx2K, keep_BxK, axis=1),
-        cache=_gather_cache_beams(new_cache, live_parent_BxK, cache_offset))
+        # After a shared step every parent has the example's cache.
+        cache=(_expand_cache(new_cache, batch_size, beam_size, cache_offset) if shared_step
+               else _gather_cache_beams(new_cache, live_parent_BxK, cache_offset)))
 
+  if share_first_step:
+    # Step 0 always runs (index 0 < max_decode_len, the alive beam scores 0).
+    init = body_fn(init, shared_step=True)
   final = lax.while_loop(cond_fn, body_fn, init)
 
   any_finished_B = jnp.any(final.finished_flags, axis=1)

@@ -20,7 +20,10 @@ Autoregressive decoding uses a T5X-style ``cache`` collection: each decoder
 self-attention keeps ``cached_key`` / ``cached_value`` ``[B, L_max, H, D]`` and a
 scalar ``cache_index``; `MultiHeadDotProductAttention` with ``decode=True``
 first creates the zeroed cache (initialisation pass with full-length inputs),
-then appends one position per call.
+then appends one position per call. Each cross-attention (``cache_kv=True``)
+stores its projected encoder keys/values ``cached_cross_key`` /
+``cached_cross_value`` ``[B, S, H, D]`` in that same initialisation pass, so
+decode steps neither re-project the encoder outputs nor copy them per beam.
 """
 import functools
 import math
@@ -338,7 +341,20 @@ def dot_product_attention(query_BxQxHxD: Array, key_BxKxHxD: Array, value_BxKxHx
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """T5 multi-head attention with an optional T5X-style KV cache.
+  """T5 multi-head attention with optional T5X-style decoding caches.
+
+  Two cached modes (both use the ``cache`` collection, see the module doc):
+
+  * ``decode=True`` (decoder self-attention): ``cached_key`` / ``cached_value``
+    ``[B, L_max, H, D_h]`` grow by one position per call.
+  * ``cache_kv=True`` (cross-attention in cached decoding): the keys/values of
+    the encoder outputs are projected once, by the cache-initialising call,
+    into ``cached_cross_key`` / ``cached_cross_value`` ``[B, S, H, D_h]``;
+    later calls reuse them and ignore ``inputs_kv``. The query batch may be
+    ``B * G`` (G beams or samples per example, example-major as
+    `decoding.flat_batch_beam_expand` lays them out): the G rows of an
+    example are attended as G query positions against that example's keys,
+    so the keys are never copied per beam.
 
   Attributes:
     num_heads: H.
@@ -351,36 +367,76 @@ class MultiHeadDotProductAttention(nn.Module):
   dropout_rate: float = 0.0
   dtype: DType = jnp.float32
 
+  def _projection(self, name: str, init: Initializer = default_kernel_init) -> nn.Module:
+    return DenseGeneral((self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
+                        dtype=self.dtype, kernel_init=init, name=name)
+
+  def _key_value(self, inputs_kv: Array) -> Tuple[Array, Array]:
+    """inputs_kv [B, K, E] -> keys, values [B, K, H, D_h]."""
+    k = nn.with_logical_constraint(self._projection("key")(inputs_kv),
+                                   ("batch", "length", "heads", "kv"))
+    v = nn.with_logical_constraint(self._projection("value")(inputs_kv),
+                                   ("batch", "length", "heads", "kv"))
+    return k, v
+
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None,
+  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array], mask: Optional[Array] = None,
                bias: Optional[Array] = None, *, enable_dropout: bool = True,
-               decode: bool = False) -> Array:
+               decode: bool = False, cache_kv: bool = False) -> Array:
     """Attends from inputs_q [B, Q, E] to inputs_kv [B, K, E]; returns [B, Q, E].
 
     Args:
-      inputs_q: queries [B, Q, E].
-      inputs_kv: keys/values source [B, K, E].
-      mask: [B, 1, Q, K] 1 = attend, or None.
+      inputs_q: queries [B, Q, E] ([B * G, 1, E] in cached cross-attention).
+      inputs_kv: keys/values source [B, K, E]; unused (may be None) once
+        ``cache_kv`` has filled the cache.
+      mask: [B, 1, Q, K] 1 = attend, or None. With ``cache_kv`` a per-example
+        ``[B, 1, 1, K]`` mask serves all G rows of the example.
       bias: additive bias broadcastable to [B, H, Q, K] (relative positions);
         with ``decode`` it is the full [1, H, L_max, L_max] table and the row of
         the current position is sliced out here.
       enable_dropout: apply attention-weight dropout (needs a 'dropout' rng).
-      decode: use and update the ``cache`` collection (self-attention only).
+      decode: self-attention decoding: append to ``cached_key/value``.
+      cache_kv: cross-attention decoding: keys/values from
+        ``cached_cross_key/value`` (created on the first call).
     """
-    def projection(name, init=default_kernel_init):
-      return DenseGeneral((self.num_heads, self.head_dim), kernel_axes=("embed", "heads", "kv"),
-                          dtype=self.dtype, kernel_init=init, name=name)
+    if decode and cache_kv:
+      raise ValueError(f"{self.name}: `decode` (self-attention cache) and `cache_kv` "
+                       "(cross-attention cache) are exclusive.")
 
     def query_init(*args):
       # Folds T5's missing 1/sqrt(head_dim) logit scaling into the initial weights.
       return default_kernel_init(*args) / math.sqrt(self.head_dim)
 
-    q = projection("query", query_init)(inputs_q)
-    k = projection("key")(inputs_kv)
-    v = projection("value")(inputs_kv)
+    q = self._projection("query", query_init)(inputs_q)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
-    v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+    rows, q_len = q.shape[:2]
+    groups = 1
+
+    if cache_kv:
+      if self.has_variable("cache", "cached_cross_key"):
+        k = self.get_variable("cache", "cached_cross_key")
+        v = self.get_variable("cache", "cached_cross_value")
+        batch = k.shape[0]
+        if rows != batch:
+          if q_len != 1 or rows % batch:
+            raise ValueError(
+                f"{self.name}: cached cross-attention for batch {batch} got queries of shape "
+                f"{q.shape[:2]} (rows, length); rows must be batch * beams with length 1.")
+          groups = rows // batch
+          # The G beam rows of each example become its G query positions.
+          q = q.reshape(batch, groups, self.num_heads, self.head_dim)
+          if mask is not None and mask.shape[0] == rows:  # per-row mask
+            mask = mask.reshape(batch, groups, mask.shape[-1])[:, None]
+        elif mask is not None and mask.shape[0] != batch:
+          # Keys already copied per beam (e.g. by a T5X decoder that knows
+          # nothing of shared leaves) with a per-example mask.
+          mask = jnp.repeat(mask, batch // mask.shape[0], axis=0)
+      else:
+        k, v = self._key_value(inputs_kv)
+        self.put_variable("cache", "cached_cross_key", k)
+        self.put_variable("cache", "cached_cross_value", v)
+    else:
+      k, v = self._key_value(inputs_kv)
 
     if decode:
       # The first decode=True pass (with full-length inputs) only creates the
@@ -391,7 +447,7 @@ class MultiHeadDotProductAttention(nn.Module):
       cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
       if is_initialized:
         batch, max_length, num_heads, head_dim = cached_key.value.shape
-        if q.shape[1] != 1 or k.shape[0] != batch:
+        if q_len != 1 or k.shape[0] != batch:
           raise ValueError(
               f"Cached decoding takes one position per call for batch {batch}; got query "
               f"shape {q.shape[:2]} (batch, length).")
@@ -419,6 +475,8 @@ class MultiHeadDotProductAttention(nn.Module):
       dropout_rng = self.make_rng("dropout")
     x = dot_product_attention(q, k, v, attention_bias, dropout_rng, self.dropout_rate,
                               deterministic, self.dtype)
+    if groups > 1:
+      x = x.reshape(rows, q_len, self.num_heads, self.head_dim)
     out = DenseGeneral(inputs_q.shape[-1], axis=(-2, -1), kernel_axes=("heads", "kv", "embed"),
                        dtype=self.dtype, name="out")(x)
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))

@@ -247,33 +247,38 @@ class EncoderDecoderModel:
   # --------------------------------------------------------------- decoding
 
   def _compute_logits_from_slice(self, decoding_state: Any, params: PyTree,
-                                 encoded_inputs: Array, raw_inputs: Array,
+                                 encoder_input_tokens: Array,
                                  max_decode_length: int) -> Tuple[Array, PyTree]:
     """One cached decoder step: state.cur_token [N, 1] -> (logits [N, V], cache).
 
-    ``N = B * num_decodes``; ``encoded_inputs`` [N, S, D] and ``raw_inputs``
-    [N, S] are already expanded per beam.
+    ``N = B * num_decodes`` rows, example-major. ``encoder_input_tokens`` is
+    the per-example [B, S] (only its padding mask is used): the encoder
+    keys/values come from the cache, shared by each example's rows.
     """
     tokens_Nx1 = decoding_state.cur_token
     logits_Nx1xV, new_vars = self.module.apply(
         {"params": params, "cache": decoding_state.cache},
-        encoded_inputs, raw_inputs, tokens_Nx1, tokens_Nx1,
+        None, encoder_input_tokens, tokens_Nx1, tokens_Nx1,
         enable_dropout=False, decode=True, max_decode_length=max_decode_length,
         mutable=["cache"], method="decode")
     return jnp.squeeze(logits_Nx1xV, axis=1), new_vars["cache"]
 
-  def _init_cache(self, params: PyTree, encoder_shape, decoder_shape) -> PyTree:
-    """Zeroed decoder KV cache for [B, L] targets (leaves lead with B).
+  def _init_cache(self, params: PyTree, encoded_BxSxD: Array, encoder_input_tokens: Array,
+                  decoder_shape: Tuple[int, int]) -> PyTree:
+    """Decoding cache for [B, L] targets (leaves lead with B).
 
-    Only the cache's shapes are traced (`jax.eval_shape`); every leaf starts
-    at zero, including ``cache_index``.
+    One ``decode=True`` pass with full-length dummy targets (T5X's cache
+    initialisation): self-attention keys/values start at zero with
+    ``cache_index`` 0; each cross-attention stores the keys/values it
+    projects from ``encoded_BxSxD``, so decode steps never recompute them.
+    The pass's logits are unused (under jit XLA drops that work).
     """
-    init = functools.partial(self.module.apply, enable_dropout=False, decode=True,
-                             mutable=["cache"])
-    _, variables = jax.eval_shape(
-        init, {"params": params}, jnp.ones(encoder_shape, jnp.int32),
-        jnp.ones(decoder_shape, jnp.int32), jnp.ones(decoder_shape, jnp.int32))
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])
+    dummy = jnp.ones(decoder_shape, jnp.int32)
+    _, variables = self.module.apply(
+        {"params": params}, encoded_BxSxD, encoder_input_tokens, dummy, dummy,
+        enable_dropout=False, decode=True, max_decode_length=decoder_shape[1],
+        mutable=["cache"], method="decode")
+    return variables["cache"]
 
   def predict_batch_with_aux(self, params: PyTree, batch: Batch, rng: Optional[Array] = None,
                              decoder_params: Optional[MutableMapping[str, Any]] = None,
@@ -281,10 +286,13 @@ class EncoderDecoderModel:
                              prompt_with_targets: bool = False) -> Tuple[Array, Mapping]:
     """Decodes the batch with ``self._decode_fn`` (T5X contract).
 
-    Builds the zeroed cache (batch-sized: the decode function expands it per
-    beam, as T5X's do), encodes the inputs once, repeats the encodings per
-    beam, and calls ``decode_fn(inputs=, cache=, tokens_to_logits=, eos_id=,
-    num_decodes=, decode_rng=, cache_offset=, **decoder_params)``.
+    Encodes the inputs once, builds the batch-sized cache (zeroed
+    self-attention keys/values, which the decode function expands per beam as
+    T5X's do, and the cross-attention keys/values projected once from the
+    encodings, which every beam of an example shares), and calls
+    ``decode_fn(inputs=, cache=, tokens_to_logits=, eos_id=, num_decodes=,
+    decode_rng=, cache_offset=, **decoder_params)``. ``tokens_to_logits``
+    accepts ``B * k`` rows for any k (example-major).
 
     Args:
       params: model parameters.
@@ -312,17 +320,16 @@ class EncoderDecoderModel:
 
     inputs_BxS = batch["encoder_input_tokens"]
     decoder_shape = batch["decoder_input_tokens"].shape
-    cache = self._init_cache(params, inputs_BxS.shape, decoder_shape)
-
     encoded_BxSxD = self.module.apply(
         {"params": params}, inputs_BxS, batch.get("encoder_segment_ids"),
         batch.get("encoder_positions"), batch.get("encoder_whole_word_ids"),
         enable_dropout=False, method="encode")
-    # [e0, e1] -> [e0, e0, e1, e1] for num_decodes = 2 (the decoders' layout).
-    expand = lambda x: jnp.repeat(x, num_decodes, axis=0)
+    # Batch-sized: the decode function expands the self-attention cache per
+    # beam; the cross-attention keys/values stay per example.
+    cache = self._init_cache(params, encoded_BxSxD, inputs_BxS, decoder_shape)
     tokens_to_logits = functools.partial(
-        self._compute_logits_from_slice, params=params, encoded_inputs=expand(encoded_BxSxD),
-        raw_inputs=expand(inputs_BxS), max_decode_length=decoder_shape[1])
+        self._compute_logits_from_slice, params=params, encoder_input_tokens=inputs_BxS,
+        max_decode_length=decoder_shape[1])
 
     if prompt_with_targets:
       prompt = batch["decoder_input_tokens"]

@@ -174,8 +174,10 @@ class DecoderLayer(nn.Module):
 
     h = layers.RMSNorm(cfg.layer_norm_epsilon, dtype,
                        name="pre_cross_attention_layer_norm")(y_BxLxD)
+    # In cached decoding the encoder keys/values are projected once, by the
+    # cache-initialising pass, and shared by all beams of an example.
     h = attention("encoder_decoder_attention")(h, encoded_BxSxD, encoder_decoder_mask, None,
-                                               enable_dropout=enable_dropout)
+                                               enable_dropout=enable_dropout, cache_kv=decode)
     y_BxLxD = y_BxLxD + _residual_dropout(cfg, h, enable_dropout)
 
     h = layers.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(y_BxLxD)
@@ -302,10 +304,20 @@ class Transformer(nn.Module):
              decode: bool = False, max_decode_length: Optional[int] = None) -> Array:
     """Decodes given encodings [B, S, D]; returns logits [B, L, V] (float32).
 
+    Cached decoding (``decode=True``) follows T5X: a first call with the
+    full-length decoder inputs creates the cache (zeroed self-attention keys/
+    values, and the cross-attention keys/values projected from ``encoded``),
+    then each call feeds one position. Steps read the encoder keys/values from
+    the cache (``encoded`` is not used again) and may pass ``B * beams``
+    decoder rows against per-example ``[B, S]`` encoder tokens: each
+    example's beams share its cached keys/values without copies.
+
     Args:
-      encoded: encoder output [B, S, D].
+      encoded: encoder output [B, S, D]; may be None in cached decode steps
+        after the cache-initialising call.
       encoder_input_tokens: [B, S], only used for the padding mask.
-      decoder_input_tokens: [B, L] (L = 1 per call in cached decoding).
+      decoder_input_tokens: [B, L] (L = 1 per call in cached decoding, where
+        the batch may be B * beams, example-major).
       decoder_target_tokens: [B, L], 0 = padding (masks teacher forcing).
       encoder_segment_ids, decoder_segment_ids: packing ids, or None.
       decoder_positions: accepted for T5X compatibility (unused, see module doc).
@@ -319,8 +331,12 @@ class Transformer(nn.Module):
       if encoder_segment_ids is not None or decoder_segment_ids is not None:
         raise ValueError("Packed inputs (segment ids) cannot be used with decode=True.")
       decoder_mask = None  # The cache masks unwritten positions.
+      # One mask row set per example: [B, 1, L, S]; with B * beams decoder
+      # rows and L = 1 the cross-attention shares it across the beams.
+      query_BxL = jnp.ones(encoder_input_tokens.shape[:1] + decoder_target_tokens.shape[1:],
+                           jnp.int32)
       encoder_decoder_mask = layers.make_attention_mask(
-          jnp.ones_like(decoder_target_tokens), encoder_input_tokens > 0, dtype=dtype)
+          query_BxL, encoder_input_tokens > 0, dtype=dtype)
     else:
       decoder_mask = layers.make_decoder_mask(decoder_target_tokens, dtype, decoder_segment_ids)
       encoder_decoder_mask = layers.make_attention_mask(

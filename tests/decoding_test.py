@@ -315,6 +315,38 @@ class TestConstrainedBeamSearch:
     np.testing.assert_array_equal(eager_seqs, ex_seqs)
     np.testing.assert_allclose(eager_scores, ex_scores, rtol=1e-6)
 
+  @pytest.mark.parametrize("constrained", [False, True])
+  def test_first_step_per_example_changes_nothing(self, constrained):
+    # With a batch-sized cache the first step runs on one row per example;
+    # results equal running it on every beam, fillers included (here the
+    # root has 4 children < 2 * beams, and an exclusion leaves 5 items for 6
+    # beams), with a forced prompt token in example 1.
+    model, catalog, vocab = _constrained_setup()
+    trie = decoding.build_item_trie(catalog, vocab_size=vocab, eos_id=EOS)
+    rows_fed = []
+
+    def counting_tokens_to_logits(state):
+      rows_fed.append(state.cur_token.shape[0])
+      return model.tokens_to_logits(state)
+
+    kwargs = {}
+    if constrained:
+      kwargs = dict(constraint=trie, exclude=jnp.array([[-1, -1], [0, 1]]))
+    inputs = jnp.array([[0, 0, 0, 0], [0, 3, 0, 0]], jnp.int32)
+    results = {}
+    for per_example in (True, False):
+      rows_fed.clear()
+      run = jit_decode(decoding.beam_search, tokens_to_logits=counting_tokens_to_logits,
+                       eos_id=EOS, num_decodes=6, alpha=0.6,
+                       first_step_per_example=per_example)
+      results[per_example] = run(inputs, model.init_cache(2), **kwargs)
+      # Traced calls: [shared first step, loop body] or [loop body].
+      assert rows_fed == ([2, 12] if per_example else [12])
+    np.testing.assert_array_equal(results[True][0], results[False][0])
+    np.testing.assert_allclose(results[True][1], results[False][1], rtol=1e-6)
+    # Filler slots (forced prompt / too few items) are part of the comparison.
+    assert (np.asarray(results[True][1]) < decoding.NEG_INF / 2).any()
+
   def test_twenty_beams_large_random_catalog(self):
     vocab, batch, beams = 12, 3, 20
     rng = np.random.RandomState(5)
@@ -323,10 +355,10 @@ class TestConstrainedBeamSearch:
     trie = decoding.build_item_trie(catalog, vocab_size=vocab, eos_id=EOS)
     model = HashModel(rng.randn(batch, 307, vocab) * 3)
     exclude = jnp.array([[0, 1, 2, -1], [5, -1, -1, -1], [-1, -1, -1, -1]])
-    seqs, scores = decoding.beam_search(
-        jnp.zeros((batch, 5), jnp.int32), model.init_cache(batch),
-        model.tokens_to_logits, eos_id=EOS, num_decodes=beams, constraint=trie,
-        exclude=exclude)
+    run = jit_decode(decoding.beam_search, tokens_to_logits=model.tokens_to_logits,
+                     eos_id=EOS, num_decodes=beams)
+    seqs, scores = run(jnp.zeros((batch, 5), jnp.int32), model.init_cache(batch),
+                       constraint=trie, exclude=exclude)
     assert seqs.shape == (batch, beams, 5) and scores.shape == (batch, beams)
     items = np.asarray(decoding.item_indices(trie, seqs))
     assert np.all(np.diff(np.asarray(scores), axis=1) >= 0)  # ascending

@@ -114,24 +114,50 @@ def test_cached_decoding_equals_teacher_forcing(v11):
   ww = jnp.asarray([[1, 1, 2, 2, 3, 0, 0, 0], [1, 2, 2, 3, 3, 3, 3, 0]])
   full = forward(cfg, params, enc, dec_in, tgt, encoder_whole_word_ids=ww)
 
-  _, cache_vars = jitted_apply(cfg, decode=True, enable_dropout=False, mutable=["cache"])(
-      {"params": params}, enc, dec_in, tgt)
-  cache = cache_vars["cache"]
-  cached = cache["decoder"]["layers_0"]["self_attention"]
-  assert cached["cached_key"].shape == (2, DEC_LEN, 2, 8)  # [B, L_max, H, D_h]
-  assert int(cached["cache_index"]) == 0
   encoded = jitted_apply(cfg, "encode", enable_dropout=False)(
       {"params": params}, enc, encoder_whole_word_ids=ww)
   step = jitted_apply(cfg, "decode", decode=True, max_decode_length=DEC_LEN,
                       enable_dropout=False, mutable=["cache"])
-  steps = []
+  # The first decode=True call (full-length targets) initialises the cache.
+  _, cache_vars = step({"params": params}, encoded, enc, dec_in, tgt)
+  cache = cache_vars["cache"]
+  cached = cache["decoder"]["layers_0"]["self_attention"]
+  assert cached["cached_key"].shape == (2, DEC_LEN, 2, 8)  # [B, L_max, H, D_h]
+  assert int(cached["cache_index"]) == 0
+  cross = cache["decoder"]["layers_0"]["encoder_decoder_attention"]
+  assert cross["cached_cross_key"].shape == (2, ENC_LEN, 2, 8)  # [B, S, H, D_h]
+  cross_key = jnp.einsum("bse,ehd->bshd", encoded,
+                         params["decoder"]["layers_0"]["encoder_decoder_attention"]["key"]["kernel"])
+  np.testing.assert_allclose(cross["cached_cross_key"], cross_key, rtol=1e-5, atol=1e-5)
+
+  # Beam layout: 3 rows per example [e0, e0, e0, e1, e1, e1] against the
+  # per-example cross keys/values (not copied); only self-attention is per row.
+  beams = 3
+  per_row = lambda x: jnp.repeat(x, beams, axis=0)
+  beam_cache = jax.tree_util.tree_map_with_path(
+      lambda path, x: x if "cross" in str(path[-1]) or x.ndim == 0 else per_row(x), cache)
+  # A decoder unaware of shared leaves may copy them per row too.
+  copied_cache = jax.tree.map(lambda x: x if x.ndim == 0 else per_row(x), cache)
+  steps, beam_steps = [], []
   for i in range(DEC_LEN):
-    logits, new_vars = step({"params": params, "cache": cache}, encoded, enc,
+    # Steps pass no encodings: the cross keys/values come from the cache.
+    logits, new_vars = step({"params": params, "cache": cache}, None, enc,
                             dec_in[:, i:i + 1], tgt[:, i:i + 1])
     cache = new_vars["cache"]
     steps.append(logits[:, 0])
+    logits, new_vars = step({"params": params, "cache": beam_cache}, None, enc,
+                            per_row(dec_in[:, i:i + 1]), per_row(tgt[:, i:i + 1]))
+    beam_cache = new_vars["cache"]
+    beam_steps.append(logits[:, 0])
+    copied_logits, new_vars = step({"params": params, "cache": copied_cache}, None, enc,
+                                   per_row(dec_in[:, i:i + 1]), per_row(tgt[:, i:i + 1]))
+    copied_cache = new_vars["cache"]
+    np.testing.assert_allclose(copied_logits, logits, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(np.stack(steps, axis=1), full, atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(np.stack(beam_steps, axis=1), per_row(full), atol=1e-4, rtol=1e-5)
   assert int(cache["decoder"]["layers_1"]["self_attention"]["cache_index"]) == DEC_LEN
+  assert beam_cache["decoder"]["layers_1"]["encoder_decoder_attention"][
+      "cached_cross_value"].shape == (2, ENC_LEN, 2, 8)
 
 
 def test_packed_examples_equal_separate_examples(v11):
