@@ -96,6 +96,20 @@ def check_macros(user_bindings: Iterable[str] = ()) -> None:
   raise MissingMacroError("\n".join(lines))
 
 
+def import_task_module(gin_bindings: Sequence[str] = ()) -> None:
+  """Imports the ``TASK_MODULE`` macro's module (a binding on the command line wins)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module = None
+  for binding in gin_bindings:
+    name, _, value = binding.partition("=")
+    if name.strip() == "TASK_MODULE":
+      module = value.strip().strip("'\"")
+  if module is None and "TASK_MODULE" in _macros_defined():
+    module = gin.query_parameter("TASK_MODULE/gin.macro.value")
+  if module:
+    importlib.import_module(module)
+
+
 def parse_gin_flags(gin_search_paths: Sequence[str] = (),
                     gin_files: Sequence[str] = (),
                     gin_bindings: Sequence[str] = (),
@@ -111,7 +125,12 @@ def parse_gin_flags(gin_search_paths: Sequence[str] = (),
     if not any(os.path.exists(os.path.join(p, f)) for p in paths) and not os.path.exists(f):
       raise GinConfigError(f"gin file {f!r} not found in the search paths {paths}")
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
+    gin.parse_config_files_and_bindings(list(gin_files), [],
+                                        skip_unknown=skip_unknown, finalize_config=False)
+    # Task modules define configurables (e.g. `PromptConfig`): import them
+    # before the command-line bindings, so those can configure them too.
+    import_task_module(gin_bindings)
+    gin.parse_config_files_and_bindings([], list(gin_bindings),
                                         skip_unknown=skip_unknown, finalize_config=False)
   except (ValueError, SyntaxError, ImportError, IOError) as e:
     raise GinConfigError(f"gin config error: {e}") from None
