@@ -53,7 +53,7 @@ class Recommender:
   def from_model_dir(cls, model_dir: str, prompt: str = DEFAULT_PROMPT,
                      data_dir: Optional[str] = None) -> "Recommender":
     from p5jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
-    from p5jax import checkpoints, evaluation, partitioning, utils  # pylint: disable=g-import-not-at-top
+    from p5jax import utils  # pylint: disable=g-import-not-at-top
     from p5jax.data import schema  # pylint: disable=g-import-not-at-top
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     config = os.path.join(model_dir, eval_lib.CONFIG_GIN)
@@ -68,9 +68,17 @@ class Recommender:
     if not dataset:
       raise RecommendError(f"{config}: the model's vocabulary does not name its dataset "
                            "(expected vocab.get_vocabulary(dataset=...))")
+    return cls.from_model(model, model_dir, dataset, prompt)
+
+  @classmethod
+  def from_model(cls, model, model_dir: str, dataset: str, prompt: str = DEFAULT_PROMPT,
+                 partitioner=None) -> "Recommender":
+    """Restores `model`'s latest parameters from `model_dir` (tasks already imported)."""
+    from p5jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
+    from p5jax import checkpoints, evaluation, partitioning, utils  # pylint: disable=g-import-not-at-top
     task_name = f"p5_{dataset}_sequential_{prompt.replace('-', '_')}"
     utils.get_mixture_or_task(task_name)
-    partitioner = partitioning.Partitioner()
+    partitioner = partitioner or partitioning.Partitioner()
     params, axes, _ = eval_lib.load_params(
         model, checkpoints.RestoreCheckpointConfig(path=model_dir), partitioner)
     runner = evaluation.ModelRunner(model, params, axes, partitioner)
@@ -129,6 +137,21 @@ class Recommender:
         item = self.catalog.item_ids[idx]
         out.append(Recommendation(item, self.catalog.titles.get(item, ""), float(score)))
     return out
+
+
+def report(rec: Recommender, user_id: str, topk: int = 10, history_items: int = 10,
+           include_seen: bool = False, prompt: str = DEFAULT_PROMPT) -> str:
+  """The user's recent history and top-`topk` recommendations, with titles."""
+  history = rec.catalog.history(user_id, "all")
+  title = lambda i: rec.catalog.titles.get(i) or "(no title)"
+  lines = [f"user_{user_id} ({len(history)} interactions), most recent last:"]
+  lines += [f"  item_{item}\t{title(item)}" for item in history[-history_items:]]
+  recs = rec.recommend(user_id, topk, include_seen)
+  lines.append(f"top {len(recs)} recommendations ({'' if include_seen else 'unseen items, '}"
+               f"prompt {prompt}):")
+  lines += [f"  {rank:2d}. item_{r.item_id}\t{title(r.item_id)}\t(log p = {r.score:.3f})"
+            for rank, r in enumerate(recs, 1)]
+  return "\n".join(lines)
 
 
 def _model_from_config(config_path: str):
@@ -212,16 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"user2id in {maps}; or try {other}.", file=sys.stderr)
     return EXIT_UNKNOWN_USER
 
-  history = rec.catalog.history(user_id, "all")
-  title = lambda i: rec.catalog.titles.get(i) or "(no title)"
-  print(f"user_{user_id} ({len(history)} interactions), most recent last:")
-  for item in history[-args.history:]:
-    print(f"  item_{item}\t{title(item)}")
-  recs = rec.recommend(user_id, args.topk, args.include_seen)
-  print(f"top {len(recs)} recommendations ({'' if args.include_seen else 'unseen items, '}"
-        f"prompt {args.prompt}):")
-  for rank, r in enumerate(recs, 1):
-    print(f"  {rank:2d}. item_{r.item_id}\t{title(r.item_id)}\t(log p = {r.score:.3f})")
+  print(report(rec, user_id, args.topk, args.history, args.include_seen, args.prompt))
   return 0
 
 

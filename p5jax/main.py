@@ -1,0 +1,140 @@
+r"""The main job: prepare -> pretrain -> evaluate every prompt -> recommend.
+
+  python -m p5jax.main --gin_file=gin/experiments/ml100k_cpu.gin \
+      --gin.MODEL_DIR="'runs/ml100k_cpu'"
+
+Stages (`run` is importable, e.g. from a notebook, after gin is parsed):
+
+1. prepare: `DATASET` is prepared under the data root (`DATA_DIR`, else
+   ``$P5JAX_DATA_DIR``, else ``~/.cache/p5jax/data``) unless its manifest is
+   already there with the same indexing and seed (ML-100K is fetched and
+   checked by sha256; other datasets need `RAW_DIR`).
+2. train: `p5jax.train.train` exactly as ``python -m p5jax.train`` runs it
+   (resumes if MODEL_DIR already holds a checkpoint).
+3. evaluate: every per-prompt task of `EVAL_MIXTURE` (default
+   ``p5_<DATASET>_eval``: all families, seen and unseen prompts) ->
+   ``MODEL_DIR/eval/results.{md,json,png}``, table printed.
+4. recommend: top-k items for `RECOMMEND_USER` with titles.
+
+Gin: include ``gin/runs/main.gin`` (it includes ``runs/pretrain.gin``); see
+its header for the macros.
+"""
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import gin
+
+from p5jax import checkpoints
+from p5jax import eval as eval_lib
+from p5jax import gin_utils
+from p5jax import recommend
+from p5jax import train as train_lib
+from p5jax.data import schema
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """How the main job prepares its dataset if it is not prepared yet."""
+  dataset: str = "ml100k"
+  indexing: str = "random"
+  seed: int = 0
+  kcore: int = 5
+  raw_dir: Optional[str] = None
+
+
+def ensure_prepared(cfg: DataConfig, data_root: Optional[str] = None) -> dict:
+  """Prepares `cfg.dataset` under `data_root` unless an identical copy exists."""
+  root = data_root or schema.data_root()
+  manifest_path = os.path.join(schema.dataset_dir(cfg.dataset, root), "manifest.json")
+  if os.path.exists(manifest_path):
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+    same = (manifest.get("indexing"), manifest.get("seed"), manifest.get("kcore")) == (
+        cfg.indexing, cfg.seed, cfg.kcore)
+    if same and os.path.isdir(os.path.join(schema.tfds_dir(root), f"p5_{cfg.dataset}")):
+      print(f"[prepare] using {schema.dataset_dir(cfg.dataset, root)}", flush=True)
+      return manifest["counts"]
+  from p5jax.data import prepare  # pylint: disable=g-import-not-at-top
+  print(f"[prepare] {cfg.dataset} ({cfg.indexing} indexing, seed {cfg.seed}) -> {root}",
+        flush=True)
+  stats = prepare.prepare(cfg.dataset, root, raw_dir=cfg.raw_dir, indexing=cfg.indexing,
+                          kcore=cfg.kcore, seed=cfg.seed)
+  print("[prepare] " + json.dumps(stats, sort_keys=True), flush=True)
+  return stats
+
+
+@gin.configurable
+def run(*,
+        model,
+        model_dir: str,
+        dataset: str,
+        eval_dataset_cfg,
+        eval_config=None,
+        partitioner=None,
+        recommend_user: Optional[str] = "1",
+        topk: int = 10) -> Any:
+  """Stages 2-4 (the data must be prepared): train, evaluate, recommend.
+
+  Returns:
+    The evaluation result rows (one per prompt).
+  """
+  print(f"[train] -> {model_dir}", flush=True)
+  gin.get_configurable(train_lib.train)(summarize_config_fn=gin_utils.summarize_gin_config)
+
+  print(f"[evaluate] {eval_dataset_cfg.mixture_or_task_name} ({eval_dataset_cfg.split})",
+        flush=True)
+  rows = eval_lib.evaluate(
+      model=model, dataset_cfg=eval_dataset_cfg,
+      restore_checkpoint_cfg=checkpoints.RestoreCheckpointConfig(path=model_dir),
+      partitioner=partitioner, output_dir=os.path.join(model_dir, "eval"),
+      eval_config=eval_config)
+
+  if recommend_user:
+    print(f"[recommend] user_{recommend_user}", flush=True)
+    rec = recommend.Recommender.from_model(model, model_dir, dataset, partitioner=partitioner)
+    user_id = rec.resolve_user(recommend_user)
+    if user_id is None:
+      print(f"[recommend] unknown user {recommend_user!r}; see python -m p5jax.recommend "
+            "--list_users", file=sys.stderr)
+    else:
+      print(recommend.report(rec, user_id, topk), flush=True)
+  return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in --gin_search_paths)")
+  flags.DEFINE_multi_string("gin_bindings", [], "extra bindings; --gin.X=V is shorthand")
+  flags.DEFINE_list("gin_search_paths", [], "extra directories for gin files and includes")
+  fv = flags.FLAGS
+
+  def _main(args):
+    if len(args) > 1:
+      raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    train_lib._quiet_library_info_logs()  # pylint: disable=protected-access
+    try:
+      gin_utils.parse_gin_flags(fv.gin_search_paths, fv.gin_file, fv.gin_bindings,
+                                finalize_config=True)
+      data_dir = gin_utils.macro_value("DATA_DIR")
+      if data_dir:
+        schema.set_data_root(data_dir)
+      # Before gin builds the model: its vocabulary is part of the prepared data.
+      ensure_prepared(gin.get_configurable(DataConfig)())
+      run()
+    except Exception as e:  # pylint: disable=broad-except
+      if not train_lib.is_user_error(e):
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+
+  gin_utils.run(_main, argv)
+
+
+if __name__ == "__main__":
+  # Configure the importable module's functions, not this `__main__` copy.
+  from p5jax import main as _main_module  # pylint: disable=g-import-not-at-top,import-self
+  _main_module.main()
