@@ -153,6 +153,15 @@ def summarize_gin_config(model_dir: str, summary_writer, step: int) -> None:
     summary_writer.write_texts(step, {"gin/operative_config": md})
 
 
+def define_gin_flags():
+  """Defines T5X's ``--gin_file``, ``--gin_bindings``, ``--gin_search_paths``; returns FLAGS."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in --gin_search_paths)")
+  flags.DEFINE_multi_string("gin_bindings", [], "extra bindings; --gin.X=V is shorthand")
+  flags.DEFINE_list("gin_search_paths", [], "extra directories for gin files and includes")
+  return flags.FLAGS
+
+
 def run(main: Callable[[Sequence[str]], None], argv: Optional[Sequence[str]] = None) -> None:
   """`absl.app.run` with ``--gin.X=`` support."""
   from absl import app  # pylint: disable=g-import-not-at-top

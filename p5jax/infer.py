@@ -104,12 +104,9 @@ def _score_rows(runner, model, task_name, dataset_cfg, eval_config):
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """``python -m p5jax.infer --gin_file=gin/runs/infer.gin --gin.CHECKPOINT_PATH=...``."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in --gin_search_paths)")
-  flags.DEFINE_multi_string("gin_bindings", [], "extra bindings; --gin.X=V is shorthand")
-  flags.DEFINE_list("gin_search_paths", [], "extra directories for gin files and includes")
-  flag_values = flags.FLAGS
+  flag_values = gin_utils.define_gin_flags()
 
   def _main(args):
     if len(args) > 1:

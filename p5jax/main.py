@@ -3,7 +3,9 @@ r"""The main job: prepare -> pretrain -> evaluate every prompt -> recommend.
   python -m p5jax.main --gin_file=gin/experiments/ml100k_cpu.gin \
       --gin.MODEL_DIR="'runs/ml100k_cpu'"
 
-Stages (`run` is importable, e.g. from a notebook, after gin is parsed):
+Stages (importable: `setup` parses gin and prepares the data, then `run`, or
+one stage at a time with `train` and `run_arguments`, as in
+colab/p5jax_quickstart.ipynb):
 
 1. prepare: `DATASET` is prepared under the data root (`DATA_DIR`, else
    ``$P5JAX_DATA_DIR``, else ``~/.cache/p5jax/data``) unless its manifest is
@@ -23,7 +25,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import gin
 
@@ -67,6 +69,41 @@ def ensure_prepared(cfg: DataConfig, data_root: Optional[str] = None) -> dict:
   return stats
 
 
+def setup(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+          gin_search_paths: Sequence[str] = ()) -> dict:
+  """Stage 1 as the command line runs it, callable from a notebook.
+
+  Parses gin exactly as ``--gin_file``/``--gin_bindings`` (clearing any earlier
+  config, so a notebook cell can be re-run), sets the data root from
+  ``DATA_DIR`` and prepares ``DATASET`` if needed.
+
+  Returns:
+    The prepared dataset's statistics.
+  """
+  gin.clear_config()
+  gin_utils.parse_gin_flags(gin_search_paths, gin_files, gin_bindings, finalize_config=True)
+  data_dir = gin_utils.macro_value("DATA_DIR")
+  if data_dir:
+    schema.set_data_root(data_dir)
+  # Before gin builds the model: its vocabulary is part of the prepared data.
+  return ensure_prepared(gin.get_configurable(DataConfig)())
+
+
+def run_arguments() -> Dict[str, Any]:
+  """`run`'s arguments as gin binds them, built (after `setup`).
+
+  Keys: model, model_dir, dataset, eval_dataset_cfg, eval_config,
+  partitioner, recommend_user, topk -- what a notebook needs to call the
+  stages (`train`, `p5jax.eval.evaluate`, `p5jax.recommend`) one at a time.
+  """
+  return gin.get_bindings(run)
+
+
+def train() -> None:
+  """Stage 2: `p5jax.train.train` as gin configures it (resumes from MODEL_DIR)."""
+  gin.get_configurable(train_lib.train)(summarize_config_fn=gin_utils.summarize_gin_config)
+
+
 @gin.configurable
 def run(*,
         model,
@@ -83,7 +120,7 @@ def run(*,
     The evaluation result rows (one per prompt).
   """
   print(f"[train] -> {model_dir}", flush=True)
-  gin.get_configurable(train_lib.train)(summarize_config_fn=gin_utils.summarize_gin_config)
+  train()
 
   print(f"[evaluate] {eval_dataset_cfg.mixture_or_task_name} ({eval_dataset_cfg.split})",
         flush=True)
@@ -106,24 +143,15 @@ def run(*,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in --gin_search_paths)")
-  flags.DEFINE_multi_string("gin_bindings", [], "extra bindings; --gin.X=V is shorthand")
-  flags.DEFINE_list("gin_search_paths", [], "extra directories for gin files and includes")
-  fv = flags.FLAGS
+  from absl import app  # pylint: disable=g-import-not-at-top
+  fv = gin_utils.define_gin_flags()
 
   def _main(args):
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {args[1:]}")
     train_lib._quiet_library_info_logs()  # pylint: disable=protected-access
     try:
-      gin_utils.parse_gin_flags(fv.gin_search_paths, fv.gin_file, fv.gin_bindings,
-                                finalize_config=True)
-      data_dir = gin_utils.macro_value("DATA_DIR")
-      if data_dir:
-        schema.set_data_root(data_dir)
-      # Before gin builds the model: its vocabulary is part of the prepared data.
-      ensure_prepared(gin.get_configurable(DataConfig)())
+      setup(fv.gin_file, fv.gin_bindings, fv.gin_search_paths)
       run()
     except Exception as e:  # pylint: disable=broad-except
       if not train_lib.is_user_error(e):

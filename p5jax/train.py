@@ -188,6 +188,16 @@ class SeqioInferenceEvaluator:
 
 
 # -- the loop ----------------------------------------------------------------------------
+def train_rngs(random_seed: int) -> Tuple[jax.Array, int]:
+  """(parameter-init key, dropout seed) that `train` derives from ``random_seed``.
+
+  Public so that a hand-built `trainer.Trainer` can reproduce a `train` run
+  exactly (e.g. the multi-process equivalence test).
+  """
+  init_rng, dropout_key = jax.random.split(jax.random.key(random_seed))
+  return init_rng, int(jax.random.randint(dropout_key, (), 0, 2**31 - 1))
+
+
 def _data_position(cfg: utils.DatasetConfig, batches_consumed: int) -> Dict[str, Any]:
   return {"batches_consumed": int(batches_consumed),
           "mixture_or_task_name": cfg.mixture_or_task_name,
@@ -276,8 +286,7 @@ def train(
   shapes, types = model_input_shapes(train_ds)
   # Parameter init uses the global batch shape, as T5X does.
   shapes = {k: (train_dataset_cfg.batch_size,) + v[1:] for k, v in shapes.items()}
-  rng = jax.random.key(random_seed)
-  init_rng, dropout_seed = jax.random.split(rng)
+  init_rng, dropout_seed = train_rngs(random_seed)
   init_fn, abstract_state, state_axes = create_train_state(
       model, optimizer, partitioner, shapes, types, init_rng)
 
@@ -308,10 +317,9 @@ def train(
     # Exact resume: the pipeline is deterministic given its seed, so skipping
     # the consumed batches reproduces the iterator position.
     batches = utils.as_numpy_iterator(train_ds.skip(consumed) if consumed else train_ds)
-    seed = int(jax.random.randint(dropout_seed, (), 0, 2**31 - 1))
     trainer = trainer_lib.Trainer(model, optimizer, partitioner, state_axes, trainer_config,
                                   summary_dir=os.path.join(model_dir, "train"),
-                                  rng_seed=seed)
+                                  rng_seed=dropout_seed)
     if summarize_config_fn is not None:
       summarize_config_fn(model_dir, trainer.writer, step)
 
@@ -407,12 +415,9 @@ def _quiet_library_info_logs(prefixes=("/orbax/",)) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """``python -m p5jax.train --gin_file=... --gin.MODEL_DIR="'...'"``."""
   import sys  # pylint: disable=g-import-not-at-top
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in --gin_search_paths)")
-  flags.DEFINE_multi_string("gin_bindings", [], "extra bindings; --gin.X=V is shorthand")
-  flags.DEFINE_list("gin_search_paths", [], "extra directories for gin files and includes")
-  flag_values = flags.FLAGS
+  flag_values = gin_utils.define_gin_flags()
 
   def _main(args):
     if len(args) > 1:
