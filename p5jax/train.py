@@ -18,8 +18,12 @@ What one call does:
    teacher-forced every ``eval_period`` steps and running the pluggable
    inference evaluator (`inference_evaluator_cls`);
 4. on SIGTERM: saves and returns early.
+
+``--gin.DRY_RUN=True`` only parses the config and builds its mesh (`dry_run`),
+e.g. to check a pod config on CPU with a faked device count.
 """
 import dataclasses
+import json
 import logging
 import os
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -391,6 +395,27 @@ def _initial_state(manager: checkpoints.CheckpointManager,
   return state, position
 
 
+# -- dry run -------------------------------------------------------------------------------
+def dry_run(*, batch_size: Optional[int] = None) -> Dict[str, Any]:
+  """Checks a parsed gin config's mesh and batch without training (``DRY_RUN = True``).
+
+  Builds the gin-configured `Partitioner` on the visible devices -- fake a
+  pod's count on CPU with ``XLA_FLAGS=--xla_force_host_platform_device_count=16``
+  -- and checks that ``batch_size`` splits over its ``data`` axis. It neither
+  calls `jax.distributed.initialize` (``distributed=None`` overrides the gin
+  binding), builds the model, nor reads data.
+
+  Returns:
+    ``{"devices", "mesh": {"data", "model"}, "global_batch", "per_device_batch"}``.
+  """
+  import gin  # pylint: disable=g-import-not-at-top
+  partitioner = gin.get_configurable(partitioning.Partitioner)(distributed=None)
+  partitioner.get_data_layout(batch_size)  # raises if the batch does not split
+  return {"devices": jax.device_count(), "mesh": dict(partitioner.mesh.shape),
+          "global_batch": batch_size,
+          "per_device_batch": batch_size // partitioner.num_data_shards if batch_size else None}
+
+
 # -- command line --------------------------------------------------------------------
 def is_user_error(e: BaseException) -> bool:
   """Errors raised by p5jax/tasks code on bad input: their message is the report.
@@ -431,6 +456,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       # the config is locked (T5X imports them from the gin files).
       utils.import_module(gin_utils.macro_value("TASK_MODULE"))
       gin.finalize()
+      if gin_utils.macro_value("DRY_RUN", False):
+        print(json.dumps(dry_run(batch_size=gin_utils.macro_value("BATCH_SIZE"))))
+        return
       # The data root must be set before gin builds the model (its vocabulary
       # lives under the data root), i.e. before `train`'s arguments exist.
       data_dir = gin_utils.macro_value("DATA_DIR")
