@@ -40,7 +40,7 @@ def test_layout_and_manifest(amazon_root):
   manifest = json.load(open(os.path.join(folder, "manifest.json")))
   assert sorted(os.listdir(amazon_root)) == ["amazon_beauty", "tfds"]  # no temp
   assert set(manifest["files"]) == {"datamaps.json", "sequential.jsonl",
-                                    "reviews.jsonl", "corpus.txt"}
+                                    "reviews.jsonl", "corpus.txt", "spiece.model"}
   for name, digest in manifest["files"].items():
     assert sha256_file(os.path.join(folder, name)) == digest
   assert manifest["dataset"] == "amazon_beauty" and manifest["source"] == "amazon"
