@@ -46,6 +46,8 @@ class DataConfig:
   seed: int = 0
   kcore: int = 5
   raw_dir: Optional[str] = None
+  # Amazon raw files are named by category (reviews_Beauty_5.json.gz).
+  category: Optional[str] = None
 
 
 def ensure_prepared(cfg: DataConfig, data_root: Optional[str] = None) -> dict:
@@ -64,7 +66,7 @@ def ensure_prepared(cfg: DataConfig, data_root: Optional[str] = None) -> dict:
   print(f"[prepare] {cfg.dataset} ({cfg.indexing} indexing, seed {cfg.seed}) -> {root}",
         flush=True)
   stats = prepare.prepare(cfg.dataset, root, raw_dir=cfg.raw_dir, indexing=cfg.indexing,
-                          kcore=cfg.kcore, seed=cfg.seed)
+                          kcore=cfg.kcore, seed=cfg.seed, category=cfg.category)
   print("[prepare] " + json.dumps(stats, sort_keys=True), flush=True)
   return stats
 

@@ -1,0 +1,114 @@
+"""All five families on review data, end to end (issue 7).
+
+An Amazon-format fixture (reviews_Beauty_5.json.gz + meta_Beauty.json.gz, ~1k
+reviews with text) is prepared by the main job's stage 1, a very small T5
+trains a few steps on ``p5_amazon_beauty_pretrain`` (gin/experiments/
+amazon_tiny.gin) and `p5jax.eval.evaluate` reports text metrics for
+an explanation (3-1) and a review-summary (4-1) prompt and RMSE/MAE for a
+review-rating prompt (4-2).
+"""
+import json
+import math
+import os
+
+import gin
+import pytest
+import seqio
+
+from p5jax import checkpoints
+from p5jax import eval as eval_lib
+from p5jax import evaluation
+from p5jax import main as main_lib
+from p5jax import utils
+from p5jax.data import schema
+from tests import fixtures
+
+GIN_FILE = "gin/experiments/amazon_tiny.gin"
+EVAL_MIXTURE = "p5_amazon_beauty_e2e_test"
+# One prompt per metric kind: each prompt compiles its own decoding function.
+EVAL_TASKS = ("p5_amazon_beauty_explanation_3_1", "p5_amazon_beauty_review_4_1",
+              "p5_amazon_beauty_review_4_2")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("amazon_e2e")
+  world = fixtures.make_world()
+  raw_dir = fixtures.write_amazon(tmp / "raw", world)
+  model_dir = str(tmp / "model")
+  stats = main_lib.setup([GIN_FILE], [f"MODEL_DIR = {model_dir!r}",
+                                      f"DATA_DIR = {str(tmp / 'data')!r}",
+                                      f"RAW_DIR = {raw_dir!r}",
+                                      # train_test covers the teacher-forced eval.
+                                      "train_script.train.train_eval_dataset_cfg = None"])
+  args = main_lib.run_arguments()
+  main_lib.train()
+  yield dict(stats=stats, args=args, model_dir=model_dir, num_reviews=len(world.events))
+  gin.clear_config()
+  schema.set_data_root(None)
+  seqio.MixtureRegistry.remove(EVAL_MIXTURE)
+
+
+def test_fixture_is_review_data_with_text(run):
+  assert run["num_reviews"] >= 500
+  stats = run["stats"]
+  assert stats["dataset"] == "amazon_beauty"
+  assert stats["reviews_with_text"] > 0 and stats["reviews_with_explanation"] > 0
+  assert sum(stats["reviews"].values()) >= 500
+
+
+def test_pretrain_mixture_has_all_five_families(run):
+  del run
+  mixture = seqio.get_mixture_or_task("p5_amazon_beauty_pretrain")
+  assert sorted(t.name for t in mixture.tasks) == [
+      f"p5_amazon_beauty_{f}" for f in
+      ("direct", "explanation", "rating", "review", "sequential")]
+
+
+def test_training_wrote_a_checkpoint(run):
+  assert os.path.isdir(os.path.join(run["model_dir"], "checkpoint_4"))
+  assert os.path.exists(os.path.join(run["model_dir"], "config.gin"))
+
+
+def test_evaluate_reports_text_and_rating_metrics(run):
+  from tasks import mixtures  # pylint: disable=g-import-not-at-top
+  seqio.MixtureRegistry.remove(EVAL_MIXTURE)
+  seqio.MixtureRegistry.add(EVAL_MIXTURE, list(EVAL_TASKS), default_rate=1.0,
+                            mixture_cls=mixtures.P5Mixture)
+  args = run["args"]
+  out_dir = os.path.join(run["model_dir"], "eval_e2e")
+  rows = eval_lib.evaluate(
+      model=args["model"],
+      dataset_cfg=utils.DatasetConfig(
+          mixture_or_task_name=EVAL_MIXTURE, task_feature_lengths=None, split="test",
+          batch_size=2, shuffle=False, seed=42, module="tasks.mixtures"),
+      restore_checkpoint_cfg=checkpoints.RestoreCheckpointConfig(path=run["model_dir"]),
+      partitioner=args["partitioner"], output_dir=out_dir,
+      eval_config=evaluation.EvalConfig(batch_size=2, text_beam_size=2, max_examples=2),
+      print_table=False)
+
+  by_prompt = {r["prompt"]: r for r in rows}
+  assert sorted(by_prompt) == ["3-1", "4-1", "4-2"]
+  assert all(r["examples"] == 2 and r["seen"] for r in rows)
+  for prompt, text_metrics in (("3-1", ("bleu4", "rouge1", "rouge2", "rougeL")),
+                               ("4-1", ("bleu2", "rouge1", "rouge2", "rougeL"))):
+    row = by_prompt[prompt]
+    assert row["family"] == ("explanation" if prompt[0] == "3" else "review")
+    for m in text_metrics:
+      assert isinstance(row[m], float) and 0.0 <= row[m] <= 100.0, (prompt, m, row)
+    assert "rmse" not in row
+  row = by_prompt["4-2"]
+  assert row["family"] == "review"
+  # An untrained model may answer no valid rating: such answers count as the
+  # largest possible error (4 stars), so RMSE/MAE are always numbers.
+  assert math.isfinite(row["rmse"]) and math.isfinite(row["mae"]), row
+  assert 0.0 <= row["mae"] <= row["rmse"] <= 4.0, row
+  assert "bleu2" not in row
+
+  with open(os.path.join(out_dir, "results.json")) as f:
+    assert len(json.load(f)["rows"]) == 3
+  table = open(os.path.join(out_dir, "results.md")).read()
+  header = table.splitlines()[0]
+  for col in ("bleu4", "bleu2", "rougeL", "rmse", "mae"):
+    assert f" {col} " in header
+  assert "| p5_amazon_beauty_review_4_2 | 4-2 | review | seen | 2 |" in table
