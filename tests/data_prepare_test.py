@@ -256,3 +256,12 @@ def test_real_ml100k_statistics(tmp_path):
   assert stats["raw_interactions"] == 100000
   m = json.load(open(tmp_path / "ml100k" / "manifest.json"))
   assert m["provenance"]["matches_official_ml100k"]
+
+
+def test_amazon_categories_resolve_to_dataset_keys():
+  from p5jax.data import prepare as prepare_lib
+  assert prepare_lib.resolve("amazon", "Beauty") == ("amazon_beauty", "amazon")
+  assert prepare_lib.resolve("amazon", "Sports_and_Outdoors") == ("amazon_sports", "amazon")
+  assert prepare_lib.resolve("amazon_toys") == ("amazon_toys", "amazon")
+  with pytest.raises(DataError, match="no dataset key"):
+    prepare_lib.resolve("amazon", "Clothing")

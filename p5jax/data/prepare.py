@@ -31,6 +31,10 @@ _DATASET_ALIASES = {"ml-100k": "ml100k", "ml100k": "ml100k", "movielens": "ml100
                     "amazon": "amazon", "yelp": "yelp", "p5": "p5"}
 _P5_RELEASE_KEYS = {"beauty": "amazon_beauty", "sports": "amazon_sports",
                     "toys": "amazon_toys", "yelp": "yelp"}
+# Dataset key -> the category as spelled in the Amazon 2014 file names.
+AMAZON_FILE_CATEGORIES = {"amazon_beauty": "Beauty",
+                          "amazon_sports": "Sports_and_Outdoors",
+                          "amazon_toys": "Toys_and_Games"}
 
 
 def resolve(dataset: str, category: Optional[str] = None) -> Tuple[str, str]:
@@ -47,7 +51,8 @@ def resolve(dataset: str, category: Optional[str] = None) -> Tuple[str, str]:
       raise DataError(f"--dataset={dataset} needs --category (e.g. Beauty)",
                       field="category")
     cat = category.lower()
-    key = _P5_RELEASE_KEYS.get(cat) if kind == "p5" else f"amazon_{cat}"
+    file_keys = {v.lower(): k for k, v in AMAZON_FILE_CATEGORIES.items()}
+    key = _P5_RELEASE_KEYS.get(cat) if kind == "p5" else file_keys.get(cat, f"amazon_{cat}")
     if key not in schema.DATASETS:
       raise DataError(f"no dataset key for category {category!r}; known keys: "
                       f"{sorted(schema.DATASETS)} (add one to schema.DATASETS)",
@@ -199,6 +204,8 @@ def prepare(dataset: str, out_dir: str, *, raw_dir: Optional[str] = None,
   if indexing not in indexing_lib.METHODS:
     raise DataError(f"unknown indexing {indexing!r}; choose from "
                     f"{indexing_lib.METHODS}", field="indexing")
+  if source == "amazon" and not category:  # e.g. dataset="amazon_beauty"
+    category = AMAZON_FILE_CATEGORIES.get(key)
   raw = read_raw(source, raw_dir, category, allow_download)
   processed = processing.process(raw, config)
 
