@@ -129,8 +129,11 @@ class Recommender:
     if not include_seen:
       seen = self.items.indices(self.catalog.history(user_id, "all"))
       exclude = np.tile(np.asarray(seen or [-1], np.int32), (rows, 1))
+    # Excluded (seen) items end beams at their last token, so search wider
+    # than `topk` to still return `topk` unseen items for heavy users.
+    beam_size = beam_size or max(2 * topk, 20)
     ranked, scores = self.runner.rank_items(batch, self.items.trie,
-                                            max(topk, beam_size or topk), 0.0, exclude)
+                                            max(topk, beam_size), 0.0, exclude)
     out = []
     for idx, score in zip(ranked[0], scores[0]):
       if idx >= 0 and len(out) < topk:
