@@ -26,6 +26,7 @@ from p5jax import evaluation
 from p5jax import gin_utils
 from p5jax import partitioning
 from p5jax import utils
+from p5jax import vocab
 from p5jax.data import schema
 
 CONFIG_GIN = "config.gin"
@@ -137,7 +138,7 @@ def evaluate(*,
 # -- command line --------------------------------------------------------------------
 USER_ERRORS = (gin_utils.GinConfigError, utils.UnknownTaskError, utils.DatasetConfigError,
                checkpoints.CheckpointError, evaluation.EvaluationError,
-               partitioning.PartitioningError)
+               partitioning.PartitioningError, vocab.VocabularyNotFoundError)
 
 
 def _binding_value(bindings: Sequence[str], macro: str) -> Optional[str]:
@@ -189,6 +190,10 @@ def _import_task_module_and_finalize() -> None:
     module = None
   utils.import_module(module)
   gin.finalize()
+  # Before gin builds MODEL: its vocabulary lives under the data root.
+  data_dir = gin_utils.macro_value("DATA_DIR")
+  if data_dir:
+    schema.set_data_root(data_dir)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -60,9 +60,9 @@ class Recommender:
     if not os.path.exists(config):
       raise RecommendError(f"{config} does not exist: --model_dir must be a p5jax.train run "
                            "directory (config.gin + checkpoint_<step>/)")
-    model, task_module = _model_from_config(config)
-    if data_dir:
+    if data_dir:  # before the model: its vocabulary lives under the data root
       schema.set_data_root(data_dir)
+    model, task_module = _model_from_config(config, use_config_data_dir=not data_dir)
     utils.import_module(task_module)
     dataset = getattr(model.output_vocabulary, "dataset", None)
     if not dataset:
@@ -157,8 +157,12 @@ def report(rec: Recommender, user_id: str, topk: int = 10, history_items: int = 
   return "\n".join(lines)
 
 
-def _model_from_config(config_path: str):
-  """Builds MODEL from a run's config.gin; returns (model, TASK_MODULE)."""
+def _model_from_config(config_path: str, use_config_data_dir: bool = True):
+  """Builds MODEL from a run's config.gin; returns (model, TASK_MODULE).
+
+  With `use_config_data_dir`, the run's own DATA_DIR (if it set one) becomes
+  the data root before the model (and its vocabulary) is built.
+  """
   gin.clear_config()
   try:
     with gin.unlock_config():
@@ -169,13 +173,22 @@ def _model_from_config(config_path: str):
     except ValueError:
       task_module = "tasks.mixtures"
     model_ref = gin.query_parameter("%MODEL")
+    if use_config_data_dir:
+      try:
+        run_data_dir = gin.query_parameter("%DATA_DIR")
+      except ValueError:
+        run_data_dir = None
+      if isinstance(run_data_dir, str) and run_data_dir:
+        from p5jax.data import schema  # pylint: disable=g-import-not-at-top
+        schema.set_data_root(run_data_dir)
   except (ValueError, SyntaxError, ImportError, IOError) as e:
     raise RecommendError(f"{config_path}: cannot read the model config: {e}") from None
   if not isinstance(model_ref, gin.config.ConfigurableReference):
     raise RecommendError(f"{config_path}: MODEL must be a configurable reference, got "
                          f"{model_ref!r}")
   # Let gin build the object the reference describes, as for any bound parameter.
-  gin.bind_parameter("p5jax_recommend_model.model", model_ref)
+  # Fully qualified: under `python -m` the module also exists as __main__.
+  gin.bind_parameter(f"{__name__}.p5jax_recommend_model.model", model_ref)
   return _configured_model(), task_module
 
 
@@ -243,4 +256,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # Run the importable module's functions (one gin registry entry), not __main__'s.
+  from p5jax import recommend as _recommend_module  # pylint: disable=g-import-not-at-top,import-self
+  sys.exit(_recommend_module.main())
