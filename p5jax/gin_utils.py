@@ -129,8 +129,11 @@ def parse_gin_flags(gin_search_paths: Sequence[str] = (),
                                         skip_unknown=skip_unknown, finalize_config=False)
     # Task modules define configurables (e.g. `PromptConfig`): import them
     # before the command-line bindings, so those can configure them too.
+    # Files and bindings are then parsed together again, so that bindings
+    # can use the files' import aliases (`train_script.train...`).
     import_task_module(gin_bindings)
-    gin.parse_config_files_and_bindings([], list(gin_bindings),
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings),
                                         skip_unknown=skip_unknown, finalize_config=False)
   except (ValueError, SyntaxError, ImportError, IOError) as e:
     raise GinConfigError(f"gin config error: {e}") from None
