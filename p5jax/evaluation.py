@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -48,6 +47,7 @@ import seqio
 import tensorflow_datasets as tfds
 
 from p5jax import decoding
+from p5jax import fileio
 from p5jax import partitioning
 from p5jax.data import schema
 
@@ -732,20 +732,6 @@ def _to_float(v) -> float:
 # ------------------------------------------------------------------- results
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def metric_columns(rows: Sequence[Mapping[str, Any]]) -> List[str]:
   present = {k for r in rows for k in r if k in METRIC_ORDER}
   return [m for m in METRIC_ORDER if m in present]
@@ -798,11 +784,11 @@ def write_results(rows: Sequence[Mapping[str, Any]], out_dir: str,
   """Writes results.md, results.json and results.png (atomically) to `out_dir`."""
   rows = [dict(r) for r in rows]
   paths = {name: os.path.join(out_dir, f"results.{name}") for name in ("md", "json", "png")}
-  _atomic_write(paths["md"], results_markdown(rows).encode())
+  fileio.atomic_write(paths["md"], results_markdown(rows).encode())
   payload = {"rows": rows, **dict(extra or {})}
-  _atomic_write(paths["json"], json.dumps(payload, indent=1, default=_json_default,
+  fileio.atomic_write(paths["json"], json.dumps(payload, indent=1, default=_json_default,
                                           allow_nan=True).encode())
-  _atomic_write(paths["png"], _plot(rows))
+  fileio.atomic_write(paths["png"], _plot(rows))
   return paths
 
 

@@ -26,7 +26,6 @@ pieces ``▁user _ 2 3 ▁likes ▁item _ 7 </s>`` -> ``1 1 1 1 2 3 3 3 0``.
 import io
 import json
 import os
-import tempfile
 from typing import Iterable, List, Optional, Sequence, Union
 
 import gin
@@ -34,6 +33,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from p5jax import fileio
 from p5jax.data import schema
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -111,22 +111,8 @@ def train_vocabulary(texts: Iterable[str], out_path: str,
       user_defined_symbols=list(user_defined_symbols),
       max_sentence_length=1 << 16, num_threads=2,
       minloglevel=2)
-  _atomic_write(out_path, model.getvalue())
+  fileio.atomic_write(out_path, model.getvalue())
   return out_path
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-spiece-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _prompt_texts(dataset: str, titles: Sequence[str]) -> Iterable[str]:
