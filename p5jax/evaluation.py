@@ -376,9 +376,10 @@ def _init_shapes(model) -> Dict[str, Tuple[int, int]]:
   return shapes
 
 
-def init_params_axes(model, partitioner: partitioning.Partitioner):
+def init_params_axes(model, partitioner: partitioning.Partitioner,
+                     input_shapes: Optional[Dict[str, Tuple[int, ...]]] = None):
   """(abstract params with shardings, params mesh axes) of `model` (restore target)."""
-  shapes = _init_shapes(model)
+  shapes = input_shapes or _init_shapes(model)
   boxed = jax.eval_shape(lambda rng: model.get_initial_variables(rng, shapes)["params"],
                          jax.random.key(0))
   axes = partitioner.params_mesh_axes(boxed)

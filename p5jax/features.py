@@ -300,19 +300,8 @@ class EmbedConfig:
 
 def abstract_params(model, partitioner, input_shapes: Mapping[str, Tuple[int, ...]]):
   """(abstract params with shardings, params mesh axes), as the trainer lays them out."""
-  import jax
-  from p5jax import partitioning
-
-  def init_boxed(rng):
-    return dict(model.get_initial_variables(rng, input_shapes))["params"]
-
-  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-  axes = partitioner.params_mesh_axes(boxed)
-  shardings = partitioner.to_shardings(axes)
-  abstract = jax.tree_util.tree_map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      partitioning.unbox(boxed), shardings)
-  return abstract, axes
+  from p5jax import evaluation  # pylint: disable=g-import-not-at-top
+  return evaluation.init_params_axes(model, partitioner, dict(input_shapes))
 
 
 def init_params(model, partitioner, input_shapes, seed: int = 0):
