@@ -22,6 +22,7 @@ import seqio
 from p5jax import checkpoints
 from p5jax import eval as eval_lib
 from p5jax import evaluation
+from p5jax import fileio
 from p5jax import gin_utils
 from p5jax import partitioning
 from p5jax import utils
@@ -32,7 +33,7 @@ MODES = ("predict", "predict_with_aux", "score")
 
 def _write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> None:
   data = "".join(json.dumps(r, default=evaluation._json_default) + "\n" for r in rows)  # pylint: disable=protected-access
-  evaluation._atomic_write(path, data.encode())  # pylint: disable=protected-access
+  fileio.atomic_write(path, data.encode())
 
 
 def infer(*,
