@@ -136,12 +136,14 @@ class Catalog:
     titles: p5 item id -> title ("" when unknown).
     sequences: p5 user id -> chronological p5 item ids (all splits).
     user2id: raw dataset user id -> p5 user id.
+    items_as_tokens: items are written as item tokens ("<i7391>", schema.py).
   """
   dataset: str
   item_ids: List[str]
   titles: Dict[str, str]
   sequences: Dict[str, List[str]]
   user2id: Dict[str, str]
+  items_as_tokens: bool = False
 
   @classmethod
   def load(cls, dataset: str, root: Optional[str] = None) -> "Catalog":
@@ -168,7 +170,8 @@ class Catalog:
     return cls(dataset=dataset, item_ids=item_ids,
                titles={str(k): str(v) for k, v in (maps.get("item_titles") or {}).items()},
                sequences=sequences,
-               user2id={str(k): str(v) for k, v in maps["user2id"].items()})
+               user2id={str(k): str(v) for k, v in maps["user2id"].items()},
+               items_as_tokens=schema.uses_item_tokens(dataset, root))
 
   @property
   def index(self) -> Dict[str, int]:
@@ -183,8 +186,9 @@ class Catalog:
     return items[:len(items) - cut] if cut else list(items)
 
   def item_tokens(self, vocabulary: seqio.Vocabulary) -> List[List[int]]:
-    """Token ids of every item id as a target string (without EOS)."""
-    return [list(vocabulary.encode(item)) for item in self.item_ids]
+    """Token ids of every item as a target string (without EOS)."""
+    text = schema.item_token if self.items_as_tokens else str
+    return [list(vocabulary.encode(text(item))) for item in self.item_ids]
 
 
 @dataclasses.dataclass

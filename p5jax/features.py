@@ -49,7 +49,7 @@ ID_COLUMNS = ("user_id", "item_id")
 
 _POSITIVE = ("yes", "like", "true")
 _NEGATIVE = ("no", "dislike", "false")
-_ID_WORD = re.compile(r"^(user|item)_(\d+)")
+_ID_WORD = re.compile(r"^(user|item)_(?:<i)?(\d+)")  # item_7391, item_<i7391>
 _SPACE = "\u2581"  # SentencePiece word-start marker.
 
 

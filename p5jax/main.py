@@ -48,6 +48,8 @@ class DataConfig:
   raw_dir: Optional[str] = None
   # Amazon raw files are named by category (reviews_Beauty_5.json.gz).
   category: Optional[str] = None
+  # One vocabulary piece per item ("<i7391>") instead of its digits.
+  item_tokens: bool = False
 
 
 def ensure_prepared(cfg: DataConfig, data_root: Optional[str] = None) -> dict:
@@ -57,16 +59,19 @@ def ensure_prepared(cfg: DataConfig, data_root: Optional[str] = None) -> dict:
   if os.path.exists(manifest_path):
     with open(manifest_path) as f:
       manifest = json.load(f)
-    same = (manifest.get("indexing"), manifest.get("seed"), manifest.get("kcore")) == (
-        cfg.indexing, cfg.seed, cfg.kcore)
+    same = (manifest.get("indexing"), manifest.get("seed"), manifest.get("kcore"),
+            manifest.get("item_tokens", False)) == (
+                cfg.indexing, cfg.seed, cfg.kcore, cfg.item_tokens)
     if same and os.path.isdir(os.path.join(schema.tfds_dir(root), f"p5_{cfg.dataset}")):
       print(f"[prepare] using {schema.dataset_dir(cfg.dataset, root)}", flush=True)
       return manifest["counts"]
   from p5jax.data import prepare  # pylint: disable=g-import-not-at-top
-  print(f"[prepare] {cfg.dataset} ({cfg.indexing} indexing, seed {cfg.seed}) -> {root}",
-        flush=True)
+  tokens = ", item tokens" if cfg.item_tokens else ""
+  print(f"[prepare] {cfg.dataset} ({cfg.indexing} indexing{tokens}, seed {cfg.seed})"
+        f" -> {root}", flush=True)
   stats = prepare.prepare(cfg.dataset, root, raw_dir=cfg.raw_dir, indexing=cfg.indexing,
-                          kcore=cfg.kcore, seed=cfg.seed, category=cfg.category)
+                          kcore=cfg.kcore, seed=cfg.seed, category=cfg.category,
+                          item_tokens=cfg.item_tokens)
   print("[prepare] " + json.dumps(stats, sort_keys=True), flush=True)
   return stats
 

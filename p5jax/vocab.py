@@ -168,15 +168,19 @@ def dataset_corpus(dataset_dir: str, dataset: Optional[str] = None,
 
 def build_dataset_vocabulary(dataset_dir: str, dataset: Optional[str] = None,
                              vocab_size: int = DEFAULT_VOCAB_SIZE,
-                             prompt_texts: Optional[Iterable[str]] = None) -> str:
+                             prompt_texts: Optional[Iterable[str]] = None,
+                             item_symbols: Sequence[str] = ()) -> str:
   """Trains ``<dataset_dir>/spiece.model`` from the prepared data in that dir.
 
   Call after `datamaps.json` / `reviews.jsonl` are written (and before the
   manifest's checksums). `dataset` defaults to the dir's basename.
+  `item_symbols` (item tokens, ``<i7391>``) become pieces of their own, on top
+  of `vocab_size` learned pieces.
   """
   texts = dataset_corpus(dataset_dir, dataset, prompt_texts)
   return train_vocabulary(texts, os.path.join(dataset_dir, SPIECE_FILENAME),
-                          vocab_size=vocab_size)
+                          vocab_size=vocab_size + len(item_symbols),
+                          user_defined_symbols=item_symbols)
 
 
 # -------------------------------------------------------------------- usage

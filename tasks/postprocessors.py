@@ -7,7 +7,8 @@ decodes (best first) for item prompts; lists are postprocessed element-wise.
 import re
 from typing import Any, List, Union
 
-_ITEM_PREFIX = re.compile(r"^item_")
+# "item_7391", "7391", or an item token "<i7391>" (p5jax.data.schema.item_token).
+_ITEM = re.compile(r"^(?:item_)?(?:<i(\d+)>|(.*))$", re.DOTALL)
 
 
 def _text(x: Any) -> str:
@@ -17,11 +18,12 @@ def _text(x: Any) -> str:
 
 
 def item_id(output: Union[str, bytes, List[Any]], example=None, is_target=False):
-  """"7391" / " item_7391 " -> "7391"; a list of decodes -> list of ids."""
+  """"7391" / " item_7391 " / "<i7391>" -> "7391"; a list of decodes -> list of ids."""
   del example, is_target
   if isinstance(output, (list, tuple)):
     return [item_id(o) for o in output]
-  return _ITEM_PREFIX.sub("", _text(output).strip())
+  match = _ITEM.match(_text(output).strip())
+  return match.group(1) or match.group(2)
 
 
 def rating(output: Any, example=None, is_target=False) -> str:

@@ -31,6 +31,7 @@ import gin
 import seqio
 import tensorflow as tf
 
+from p5jax.data import schema
 from tasks import templates as templates_lib
 
 PromptTemplate = templates_lib.PromptTemplate
@@ -104,6 +105,18 @@ def render_any(templates: Sequence[PromptTemplate], fields: Mapping[str, tf.Tens
 
 
 # ------------------------------------------------------------------- helpers
+
+
+def item_renderer(source: Optional[str]):
+  """item id strings -> their prompt text, decided by `source`'s manifest.
+
+  Called when a pipeline is built (the data root is known by then): bare ids
+  ("7391"), or item tokens ("<i7391>") for data prepared with item tokens.
+  """
+  if source and schema.uses_item_tokens(source):
+    return lambda ids: tf.strings.join(
+        [schema.ITEM_TOKEN_PREFIX, ids, schema.ITEM_TOKEN_SUFFIX])
+  return lambda ids: ids
 
 
 def _user_desc(ex) -> tf.Tensor:
@@ -187,11 +200,11 @@ def _star_question(rating_int: tf.Tensor, seed, key: tf.Tensor, positive_rate: f
 # ----------------------------------------------------------- review families
 
 
-def _rating_fields(ex, config: PromptConfig) -> Dict[str, tf.Tensor]:
+def _rating_fields(ex, config: PromptConfig, item) -> Dict[str, tf.Tensor]:
   rating = tf.cast(ex["rating"], tf.float32)
   return {
       "user_id": ex["user_id"], "user_desc": _user_desc(ex),
-      "item_id": ex["item_id"], "item_title": tf.strings.strip(ex["item_title"]),
+      "item_id": item(ex["item_id"]), "item_title": tf.strings.strip(ex["item_title"]),
       "rating": tf.strings.as_string(rating, precision=1),
       "rating_int": tf.clip_by_value(tf.cast(tf.round(rating), tf.int32), 1, 5),
       "like_dislike": tf.where(rating >= config.like_threshold, "like", "dislike"),
@@ -199,12 +212,14 @@ def _rating_fields(ex, config: PromptConfig) -> Dict[str, tf.Tensor]:
 
 
 def rating_prompts(dataset: tf.data.Dataset, templates: Sequence[PromptTemplate],
-                   train: bool, config: Optional[PromptConfig] = None) -> tf.data.Dataset:
+                   train: bool, config: Optional[PromptConfig] = None,
+    source: Optional[str] = None) -> tf.data.Dataset:
   """Family 1: star rating, yes/no for a star value, like/dislike."""
   config = _config(config)
+  item = item_renderer(source)
 
   def fn(ex, seed):
-    f = _rating_fields(ex, config)
+    f = _rating_fields(ex, config, item)
     s_template, s_star = _seeds(seed, 2) if seed is not None else (None, None)
     star = _star_question(f["rating_int"], s_star,
                           tf.strings.join([ex["user_id"], ex["item_id"]], "|"),
@@ -218,14 +233,16 @@ def rating_prompts(dataset: tf.data.Dataset, templates: Sequence[PromptTemplate]
 
 
 def explanation_prompts(dataset: tf.data.Dataset, templates: Sequence[PromptTemplate],
-                        train: bool, config: Optional[PromptConfig] = None) -> tf.data.Dataset:
+                        train: bool, config: Optional[PromptConfig] = None,
+    source: Optional[str] = None) -> tf.data.Dataset:
   """Family 3: explanation sentence, optionally given a feature word / star."""
   config = _config(config)
+  item = item_renderer(source)
   dataset = dataset.filter(
       lambda ex: tf.strings.length(tf.strings.strip(ex["explanation"])) > 0)
 
   def fn(ex, seed):
-    f = _rating_fields(ex, config)
+    f = _rating_fields(ex, config, item)
     f["star"] = tf.strings.as_string(f["rating_int"])
     f["explanation"] = tf.strings.strip(ex["explanation"])
     f["feature"] = tf.strings.strip(ex["feature"])
@@ -240,12 +257,14 @@ def _truncate_words(text: tf.Tensor, max_words: int) -> tf.Tensor:
 
 
 def review_prompts(dataset: tf.data.Dataset, templates: Sequence[PromptTemplate],
-                   train: bool, config: Optional[PromptConfig] = None) -> tf.data.Dataset:
+                   train: bool, config: Optional[PromptConfig] = None,
+    source: Optional[str] = None) -> tf.data.Dataset:
   """Family 4: review summary, or rating from review text."""
   config = _config(config)
+  item = item_renderer(source)
 
   def fn(ex, seed):
-    f = _rating_fields(ex, config)
+    f = _rating_fields(ex, config, item)
     f["review_text"] = _truncate_words(ex["review_text"], config.max_review_words)
     f["summary"] = tf.strings.strip(ex["summary"])
     return _finish(ex, render_any(templates, f, seed), {"item_id": ex["item_id"]})
@@ -293,7 +312,8 @@ def _sequence_fields(ex, history, target, candidates, query, answer):
 
 
 def sequential_prompts(dataset: tf.data.Dataset, templates: Sequence[PromptTemplate],
-                       train: bool, config: Optional[PromptConfig] = None) -> tf.data.Dataset:
+                       train: bool, config: Optional[PromptConfig] = None,
+    source: Optional[str] = None) -> tf.data.Dataset:
   """Family 2: next item, pick from candidates, yes/no for a next item.
 
   Training: per user and epoch a random end position ``t`` in the train
@@ -304,6 +324,7 @@ def sequential_prompts(dataset: tf.data.Dataset, templates: Sequence[PromptTempl
   of the split as stored.
   """
   config = _config(config)
+  item = item_renderer(source)
   if train:
     dataset = dataset.filter(lambda ex: tf.size(ex["history"]) >= 2)
   else:
@@ -328,7 +349,8 @@ def sequential_prompts(dataset: tf.data.Dataset, templates: Sequence[PromptTempl
       candidates = ex["candidates"]
     query, answer = _yes_no_query(target, negatives, candidates, s_query,
                                   ex["user_id"], config.positive_rate)
-    f = _sequence_fields(ex, history, target, candidates, query, answer)
+    f = _sequence_fields(ex, item(history), item(target), item(candidates),
+                         item(query), answer)
     extra = {} if train else {"candidates": ex["candidates"]}
     return _finish(ex, render_any(templates, f, s_template), extra)
 
@@ -336,7 +358,8 @@ def sequential_prompts(dataset: tf.data.Dataset, templates: Sequence[PromptTempl
 
 
 def direct_prompts(dataset: tf.data.Dataset, templates: Sequence[PromptTemplate],
-                   train: bool, config: Optional[PromptConfig] = None) -> tf.data.Dataset:
+                   train: bool, config: Optional[PromptConfig] = None,
+    source: Optional[str] = None) -> tf.data.Dataset:
   """Family 5: yes/no for one item, or the best item among candidates.
 
   Training: the positive is a random item of the train history; negatives and
@@ -344,6 +367,7 @@ def direct_prompts(dataset: tf.data.Dataset, templates: Sequence[PromptTemplate]
   its stored 100 ``candidates``.
   """
   config = _config(config)
+  item = item_renderer(source)
   if train:
     dataset = dataset.filter(lambda ex: tf.size(ex["history"]) >= 1)
   else:
@@ -363,8 +387,8 @@ def direct_prompts(dataset: tf.data.Dataset, templates: Sequence[PromptTemplate]
     query, answer = _yes_no_query(target, negatives, candidates, s_query,
                                   ex["user_id"], config.positive_rate)
     f = {"user_id": ex["user_id"], "user_desc": _user_desc(ex),
-         "candidates": _join(candidates, " , "), "target_item": target,
-         "query_item": query, "yes_no": answer}
+         "candidates": _join(item(candidates), " , "), "target_item": item(target),
+         "query_item": item(query), "yes_no": answer}
     extra = {} if train else {"candidates": ex["candidates"]}
     return _finish(ex, render_any(templates, f, s_template), extra)
 
@@ -381,11 +405,16 @@ FAMILY_PREPROCESSORS = {
 
 
 def family_preprocessor(family: str, templates: Sequence[PromptTemplate],
-                        train: bool, config: Optional[PromptConfig] = None):
-  """The family's preprocessor bound to `templates` (a SeqIO preprocessor)."""
+                        train: bool, config: Optional[PromptConfig] = None,
+                        source: Optional[str] = None):
+  """The family's preprocessor bound to `templates` (a SeqIO preprocessor).
+
+  `source` is the prepared dataset key; its manifest decides how items are
+  written (`item_renderer`). None = bare ids.
+  """
   templates = tuple(templates)
   bad = [t.id for t in templates if t.family != family]
   if bad or not templates:
     raise ValueError(f"templates {bad or '()'} are not {family!r} templates")
   return functools.partial(FAMILY_PREPROCESSORS[family], templates=templates,
-                           train=train, config=config)
+                           train=train, config=config, source=source)

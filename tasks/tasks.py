@@ -156,7 +156,8 @@ def register_tasks(datasets: Optional[Sequence[str]] = None) -> List[str]:
       _add_task(
           name,
           source=P5TfdsDataSource(dataset, config, splits=("train",)),
-          preprocessors=[preprocessors.family_preprocessor(family, seen, True),
+          preprocessors=[preprocessors.family_preprocessor(family, seen, True,
+                                                        source=dataset),
                          *TOKENIZE],
           output_features=features)
       names.append(name)
@@ -166,7 +167,8 @@ def register_tasks(datasets: Optional[Sequence[str]] = None) -> List[str]:
             name,
             source=P5TfdsDataSource(dataset, config, splits=EVAL_SPLITS),
             preprocessors=[
-                preprocessors.family_preprocessor(family, [template], False),
+                preprocessors.family_preprocessor(family, [template], False,
+                                                source=dataset),
                 *TOKENIZE],
             output_features=features,
             postprocess_fn=_POSTPROCESS[template.kind],

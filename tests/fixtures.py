@@ -264,7 +264,8 @@ def write_raw(dataset: str, folder, world: World) -> Tuple[str, dict]:
 
 
 def prepared_root(tmp_dir, dataset: str = "ml-100k", *, build_tfds: bool = True,
-                  indexing: str = "random", seed: int = 0, **world_kwargs) -> str:
+                  indexing: str = "random", seed: int = 0, item_tokens: bool = False,
+                  **world_kwargs) -> str:
   """Writes a fixture in `dataset`'s raw format and prepares it.
 
   Returns the data root (pass it to `schema.set_data_root`). Dataset keys:
@@ -277,5 +278,5 @@ def prepared_root(tmp_dir, dataset: str = "ml-100k", *, build_tfds: bool = True,
                               make_world(**world_kwargs))
   root = os.path.join(tmp_dir, "data")
   prepare.prepare(dataset, root, raw_dir=raw_dir, build_tfds=build_tfds,
-                  indexing=indexing, seed=seed, **kwargs)
+                  indexing=indexing, seed=seed, item_tokens=item_tokens, **kwargs)
   return root

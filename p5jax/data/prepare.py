@@ -140,12 +140,15 @@ def _write_dataset(folder: str, key: str, source: str, raw: RawDataset,
       f.write(line + "\n")
   # The vocabulary is part of the prepared data: tasks tokenize with it.
   from p5jax import vocab  # pylint: disable=g-import-not-at-top
-  vocab.build_dataset_vocabulary(folder, key)
+  item_symbols = ([schema.item_token(str(i)) for i in sorted(id2item)]
+                  if config.item_tokens else [])
+  vocab.build_dataset_vocabulary(folder, key, item_symbols=item_symbols)
   spec = schema.DATASETS[key]
   files = {n: sha256_file(os.path.join(folder, n)) for n in sorted(os.listdir(folder))}
   manifest = {
       "manifest_version": MANIFEST_VERSION, "dataset": key, "source": source,
       "indexing": config.indexing, "seed": config.seed, "kcore": config.kcore,
+      "item_tokens": config.item_tokens,
       "num_candidates": config.num_candidates,
       "families": list(spec.families), "has_reviews": spec.has_reviews,
       "counts": p.stats, "files": files, "raw_files": raw.raw_files,
@@ -181,7 +184,7 @@ def _commit(tmp: str, out_dir: str, moves) -> None:
 def prepare(dataset: str, out_dir: str, *, raw_dir: Optional[str] = None,
             indexing: str = "random", kcore: int = 5, seed: int = 0,
             category: Optional[str] = None, build_tfds: bool = True,
-            allow_download: bool = True) -> dict:
+            allow_download: bool = True, item_tokens: bool = False) -> dict:
   """Prepares `dataset` under the data root `out_dir`; returns its statistics.
 
   Args:
@@ -194,12 +197,15 @@ def prepare(dataset: str, out_dir: str, *, raw_dir: Optional[str] = None,
     category: Amazon category ("Beauty") or P5 release folder ("beauty").
     build_tfds: also build the TFDS datasets (needed by tasks/).
     allow_download: ML-100K only; False = only raw_dir / cache.
+    item_tokens: also make every item id one vocabulary piece (``<i7391>``);
+      prompts then write items that way (see schema.py).
 
   Returns:
     dict with dataset key, indexing, seed and the counts from processing.
   """
   key, source = resolve(dataset, category)
-  config = processing.ProcessingConfig(kcore=kcore, seed=seed, indexing=indexing)
+  config = processing.ProcessingConfig(kcore=kcore, seed=seed, indexing=indexing,
+                                       item_tokens=item_tokens)
   from p5jax.data import indexing as indexing_lib  # pylint: disable=g-import-not-at-top
   if indexing not in indexing_lib.METHODS:
     raise DataError(f"unknown indexing {indexing!r}; choose from "
@@ -227,7 +233,7 @@ def prepare(dataset: str, out_dir: str, *, raw_dir: Optional[str] = None,
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return {"dataset": key, "source": source, "indexing": indexing, "seed": seed,
-          **manifest["counts"]}
+          "item_tokens": item_tokens, **manifest["counts"]}
 
 
 FLAGS = flags.FLAGS
@@ -241,6 +247,8 @@ flags.DEFINE_integer("kcore", 5, "k of the k-core filter.")
 flags.DEFINE_integer("seed", 0, "Seed for every sampled quantity.")
 flags.DEFINE_string("category", None, "Amazon category / P5 release folder name.")
 flags.DEFINE_bool("build_tfds", True, "Also build the TFDS datasets.")
+flags.DEFINE_bool("item_tokens", False,
+                  "Make every item id one vocabulary piece (<i7391>) in prompts.")
 
 
 def main(argv):
@@ -251,7 +259,8 @@ def main(argv):
   try:
     stats = prepare(FLAGS.dataset, FLAGS.out_dir, raw_dir=FLAGS.raw_dir,
                     indexing=FLAGS.indexing, kcore=FLAGS.kcore, seed=FLAGS.seed,
-                    category=FLAGS.category, build_tfds=FLAGS.build_tfds)
+                    category=FLAGS.category, build_tfds=FLAGS.build_tfds,
+                    item_tokens=FLAGS.item_tokens)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -49,6 +49,7 @@ class ProcessingConfig:
   review_fractions: Tuple[float, float, float] = (0.8, 0.1, 0.1)
   num_clusters: int = 10          # collaborative indexing
   max_cluster_size: int = 100
+  item_tokens: bool = False       # vocabulary + prompt form only (schema.py)
 
 
 @dataclasses.dataclass

@@ -32,6 +32,12 @@ TFDS builders: `p5jax.data.tfds_builder` (import it to register them).
 ``<name>`` is a dataset key from `DATASETS` (e.g. ``ml100k``, ``amazon_beauty``).
 P5 ids are decimal strings starting at "1" ("user_23", "item_7391" in prompts).
 
+Item tokens (``prepare --item_tokens``, manifest ``"item_tokens": true``): every
+item id is also one vocabulary piece, written ``<i7391>`` in prompts and
+targets (`item_text`), so the model reads and writes an item as one token
+instead of its digits (independent indexing; the id numbers still come from
+the chosen indexing). The TFDS data and ``datamaps.json`` keep bare ids.
+
 TFDS features (every split is ``train`` / ``validation`` / ``test``):
 
 sequential (one example per user; leave-one-out):
@@ -66,6 +72,7 @@ Candidates, negatives and splits are sampled in a canonical order of raw ids,
 so they are the same raw items under every item indexing.
 """
 import dataclasses
+import json
 import os
 from typing import Optional
 
@@ -118,6 +125,33 @@ def dataset_dir(name: str, root: Optional[str] = None) -> str:
 
 def tfds_dir(root: Optional[str] = None) -> str:
   return os.path.join(root or data_root(), "tfds")
+
+
+def read_manifest(name: str, root: Optional[str] = None) -> dict:
+  """``<root>/<name>/manifest.json`` as a dict ({} when not prepared)."""
+  path = os.path.join(dataset_dir(name, root), "manifest.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+ITEM_TOKEN_PREFIX, ITEM_TOKEN_SUFFIX = "<i", ">"
+
+
+def item_token(item_id: str) -> str:
+  """The vocabulary piece of an item under item tokens: "7391" -> "<i7391>"."""
+  return f"{ITEM_TOKEN_PREFIX}{item_id}{ITEM_TOKEN_SUFFIX}"
+
+
+def uses_item_tokens(name: str, root: Optional[str] = None) -> bool:
+  """Whether the prepared dataset writes items as tokens (see module doc)."""
+  return bool(read_manifest(name, root).get("item_tokens", False))
+
+
+def item_text(name: str, root: Optional[str] = None):
+  """item id -> its text in prompts and targets for the prepared dataset."""
+  return item_token if uses_item_tokens(name, root) else str
 
 
 def tfds_name(name: str, config: str) -> str:
