@@ -384,12 +384,30 @@ def item_indices(trie: ItemTrie, sequences: jnp.ndarray) -> jnp.ndarray:
   return items_N.reshape(lead_shape)
 
 
+def _exclusion_mask(trie: Optional[ItemTrie], exclude_BxX) -> Optional[jnp.ndarray]:
+  """exclude [B, X] item indices (-1 padded) -> bool [B, num_items + 1].
+
+  Built once before the decoding loop; the extra last column ("no item") is
+  never set. Each step then gathers from it instead of comparing every
+  candidate with all X excluded items (O(B*K*M) per step, not O(B*K*M*X)).
+  """
+  if exclude_BxX is None or trie is None:
+    return exclude_BxX  # _check_constraint reports exclude without a trie
+  exclude_BxX = jnp.asarray(exclude_BxX, jnp.int32)
+  rows = exclude_BxX.shape[0]
+  idx = jnp.where((exclude_BxX >= 0) & (exclude_BxX < trie.num_items), exclude_BxX,
+                  trie.num_items)
+  mask = jnp.zeros((rows, trie.num_items + 1), bool)
+  mask = mask.at[jnp.arange(rows)[:, None], idx].set(True)
+  return mask.at[:, trie.num_items].set(False)
+
+
 def _excluded_leaves(trie: ItemTrie, leaves: jnp.ndarray,
-                     exclude: jnp.ndarray) -> jnp.ndarray:
-  """leaves [B, K, ...], exclude [B, X] (-1 padded) -> bool [B, K, ...]."""
+                     excluded_BxN1: jnp.ndarray) -> jnp.ndarray:
+  """leaves [B, K, ...], `_exclusion_mask` [B, N + 1] -> bool [B, K, ...]."""
   items = trie.item_of(leaves)
-  ex = exclude.reshape(exclude.shape[:1] + (1,) * (items.ndim - 1) + exclude.shape[1:])
-  return (items >= 0) & jnp.any(items[..., None] == ex, axis=-1)
+  items = jnp.where(items >= 0, items, trie.num_items).reshape(items.shape[0], -1)
+  return jnp.take_along_axis(excluded_BxN1, items, axis=1).reshape(leaves.shape)
 
 
 def _check_constraint(constraint, exclude, vocab_size, max_decode_len):
@@ -500,8 +518,7 @@ def beam_search(inputs: jnp.ndarray,
   # Longest possible hypothesis gives the smallest possible penalty divisor
   # for a live beam: used to decide early termination.
   max_brevity = brevity_penalty(alpha, max_decode_len)
-  if exclude is not None:
-    exclude = jnp.asarray(exclude, jnp.int32)
+  exclude = _exclusion_mask(constraint, exclude)
 
   # Only beam K-1 (the "best" slot) starts alive; the rest are fillers.
   init = BeamState(
@@ -760,7 +777,8 @@ def temperature_sample(inputs: jnp.ndarray,
   if temperature.ndim == 1:
     temperature = flat_batch_beam_expand(temperature, num_decodes)[:, None]
   if exclude is not None:
-    exclude = flat_batch_beam_expand(jnp.asarray(exclude, jnp.int32), num_decodes)
+    exclude = _exclusion_mask(
+        constraint, flat_batch_beam_expand(jnp.asarray(exclude, jnp.int32), num_decodes))
 
   init = SamplingLoopState(
       cur_index=jnp.array(0, jnp.int32),

@@ -478,10 +478,34 @@ def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> Dict[str, np.ndarra
   return {k: np.pad(v, [(0, rows - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
 
 
+# Encoder lengths are padded up to a multiple of this, so prompts of similar
+# length (and every batch of one prompt) reuse one compiled function instead
+# of compiling per task: on CPU a compile costs more than evaluating a prompt.
+ENCODER_LENGTH_BUCKET = 64
+
+
+def _bucket(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def _pad_encoder_length(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Zero-pads ``encoder_*`` features [B, S] to S rounded up to the bucket."""
+  out = dict(batch)
+  for k, v in batch.items():
+    if k.startswith("encoder_") and v.ndim == 2:
+      width = _bucket(v.shape[1], ENCODER_LENGTH_BUCKET)
+      out[k] = np.pad(v, [(0, 0), (0, width - v.shape[1])])
+  return out
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+  return max(floor, 1 << max(n - 1, 0).bit_length())
+
+
 def _batches(ds, batch_size: int):
-  """(indices, batch padded to batch_size, n real rows) from an enumerated model ds."""
+  """(indices, batch padded to batch_size rows and bucketed encoder length, n real rows)."""
   for indices, features in ds.batch(batch_size).as_numpy_iterator():
-    yield indices, _pad_rows(features, batch_size), len(indices)
+    yield indices, _pad_encoder_length(_pad_rows(features, batch_size)), len(indices)
 
 
 class PromptEvaluator:
@@ -527,7 +551,8 @@ class PromptEvaluator:
         if cfg.exclude_history:
           hists = [items.indices(items.catalog.history(_text(examples[i]["user_id"]), split))
                    for i in indices]
-          width = max([len(h) for h in hists] + [1])
+          # Power-of-two widths: a handful of compiled shapes, not one per batch.
+          width = _pow2_at_least(max([len(h) for h in hists] + [1]))
           exclude = np.full((cfg.batch_size, width), -1, np.int32)
           for r, h in enumerate(hists):
             exclude[r, :len(h)] = h
