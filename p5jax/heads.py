@@ -623,9 +623,10 @@ def _metric_value(v):
 def generation_rows(path: str, label: str = "generation") -> List[Dict[str, Any]]:
   """Reads generative results: a metrics JSON/JSONL, or a predictions JSONL.
 
-  Metrics files: a JSON object (or JSONL lines, last line wins per task) with any
-  of rmse/mae/auc/accuracy as numbers or {"value": x}, optionally nested per task
-  name. Prediction files: JSONL lines with "prediction" and "target" (strings or
+  Metrics files: the ``results.json`` of ``p5jax.eval`` / ``p5jax.main`` (one
+  row per prompt task), or a JSON object (or JSONL lines, last line wins per
+  task) with any of rmse/mae/auc/accuracy as numbers or {"value": x},
+  optionally nested per task name. Prediction files: JSONL lines with "prediction" and "target" (strings or
   numbers); RMSE/MAE are computed over rows whose prediction parses as a number,
   and the count of unparsable predictions is reported.
   """
@@ -653,6 +654,13 @@ def generation_rows(path: str, label: str = "generation") -> List[Dict[str, Any]
       raise HeadError(f"{path}: no prediction/target pairs with numeric targets")
     return [dict(metrics_for("rating", gold, pred), method=label, target="rating",
                  n_eval=len(gold), invalid=invalid)]
+  if len(records) == 1 and isinstance(records[0].get("rows"), list):
+    # results.json of p5jax.eval / p5jax.main: one row per prompt task, with
+    # accuracy/AUC in percent (SeqIO's convention); heads use fractions.
+    records = [{r.get("task", f"row {i}"): {
+        **r, **{k: r[k] / 100.0 for k in ("accuracy", "auc")
+                if isinstance(r.get(k), (int, float))}}
+                for i, r in enumerate(records[0]["rows"]) if isinstance(r, Mapping)}]
   rows = {}
   for rec in records:
     nested = {k: v for k, v in rec.items() if isinstance(v, Mapping)
@@ -663,6 +671,8 @@ def generation_rows(path: str, label: str = "generation") -> List[Dict[str, Any]
       if got:
         rows[name] = dict(got, method=f"{label} {name}".strip(),
                           target="rating" if "rmse" in got or "mae" in got else "click")
+        if isinstance(vals.get("examples"), int):
+          rows[name]["n_eval"] = vals["examples"]
   if not rows:
     raise HeadError(f"{path}: no rmse/mae/auc/accuracy values found")
   return list(rows.values())

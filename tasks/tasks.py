@@ -41,6 +41,16 @@ FAMILY_CONFIG = {
 EVAL_SPLITS = ("validation", "test")
 
 
+def prompt_task_splits(config: str) -> Sequence[str]:
+  """Splits of a per-prompt task: review prompts also render the train split.
+
+  Review examples carry their own target, so one fixed prompt renders train
+  examples too (`p5jax.embed` exports them for the heads to fit on);
+  leave-one-out sequential examples have targets only in validation/test.
+  """
+  return schema.SPLITS if config == "reviews" else EVAL_SPLITS
+
+
 class DataNotPreparedError(FileNotFoundError):
   """The TFDS dataset a task reads has not been built under the data root."""
 
@@ -165,7 +175,7 @@ def register_tasks(datasets: Optional[Sequence[str]] = None) -> List[str]:
         name = eval_task_name(dataset, family, template.id)
         _add_task(
             name,
-            source=P5TfdsDataSource(dataset, config, splits=EVAL_SPLITS),
+            source=P5TfdsDataSource(dataset, config, splits=prompt_task_splits(config)),
             preprocessors=[
                 preprocessors.family_preprocessor(family, [template], False,
                                                 source=dataset),

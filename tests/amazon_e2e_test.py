@@ -5,7 +5,8 @@ reviews with text) is prepared by the main job's stage 1, a very small T5
 trains a few steps on ``p5_amazon_beauty_pretrain`` (gin/experiments/
 amazon_tiny.gin) and `p5jax.eval.evaluate` reports text metrics for
 an explanation (3-1) and a review-summary (4-1) prompt and RMSE/MAE for a
-review-rating prompt (4-2).
+review-rating prompt (4-2). The same checkpoint feeds `p5jax.embed` and the
+heads (issue 8): one table of heads beside generative rating.
 """
 import json
 import math
@@ -49,6 +50,19 @@ def run(tmp_path_factory):
   seqio.MixtureRegistry.remove(EVAL_MIXTURE)
 
 
+def _evaluate(run, mixture_or_task, out_dir, eval_config):
+  """`p5jax.eval.evaluate` of the trained fixture model on the test split."""
+  return eval_lib.evaluate(
+      model=run["args"]["model"],
+      dataset_cfg=utils.DatasetConfig(
+          mixture_or_task_name=mixture_or_task, task_feature_lengths=None, split="test",
+          batch_size=eval_config.batch_size, shuffle=False, seed=42,
+          module="tasks.mixtures"),
+      restore_checkpoint_cfg=checkpoints.RestoreCheckpointConfig(path=run["model_dir"]),
+      partitioner=run["args"]["partitioner"], output_dir=out_dir,
+      eval_config=eval_config, print_table=False)
+
+
 def test_fixture_is_review_data_with_text(run):
   assert run["num_reviews"] >= 500
   stats = run["stats"]
@@ -75,17 +89,9 @@ def test_evaluate_reports_text_and_rating_metrics(run):
   seqio.MixtureRegistry.remove(EVAL_MIXTURE)
   seqio.MixtureRegistry.add(EVAL_MIXTURE, list(EVAL_TASKS), default_rate=1.0,
                             mixture_cls=mixtures.P5Mixture)
-  args = run["args"]
   out_dir = os.path.join(run["model_dir"], "eval_e2e")
-  rows = eval_lib.evaluate(
-      model=args["model"],
-      dataset_cfg=utils.DatasetConfig(
-          mixture_or_task_name=EVAL_MIXTURE, task_feature_lengths=None, split="test",
-          batch_size=2, shuffle=False, seed=42, module="tasks.mixtures"),
-      restore_checkpoint_cfg=checkpoints.RestoreCheckpointConfig(path=run["model_dir"]),
-      partitioner=args["partitioner"], output_dir=out_dir,
-      eval_config=evaluation.EvalConfig(batch_size=2, text_beam_size=2, max_examples=2),
-      print_table=False)
+  rows = _evaluate(run, EVAL_MIXTURE, out_dir, evaluation.EvalConfig(
+      batch_size=2, text_beam_size=2, max_examples=2))
 
   by_prompt = {r["prompt"]: r for r in rows}
   assert sorted(by_prompt) == ["3-1", "4-1", "4-2"]
@@ -112,3 +118,31 @@ def test_evaluate_reports_text_and_rating_metrics(run):
   for col in ("bleu4", "bleu2", "rougeL", "rmse", "mae"):
     assert f" {col} " in header
   assert "| p5_amazon_beauty_review_4_2 | 4-2 | review | seen | 2 |" in table
+
+
+def test_heads_beside_generation_from_the_trained_checkpoint(run, tmp_path):
+  """Issue 8 on a tiny trained checkpoint: embed -> heads -> one table with generation."""
+  from p5jax import embed  # pylint: disable=g-import-not-at-top
+  from p5jax import features  # pylint: disable=g-import-not-at-top
+  from p5jax import heads  # pylint: disable=g-import-not-at-top
+  args, task = run["args"], "p5_amazon_beauty_rating_1_1"
+  gen_dir = str(tmp_path / "gen")
+  _evaluate(run, task, gen_dir, evaluation.EvalConfig(batch_size=4, max_examples=8))
+  config = features.EmbedConfig(task=task, splits=("train", "test"), batch_size=8,
+                                inputs_length=128, targets_length=16, max_examples=64)
+  params, axes = embed.load_params(run["model_dir"], args["model"], args["partitioner"],
+                                   config)
+  out = str(tmp_path / "rating.parquet")
+  embed.run(args["model"], params, axes, args["partitioner"], config, out, progress=False)
+
+  rows = heads.compare(out, "rating", ["mean", "linear", "gbdt"],
+                       [os.path.join(gen_dir, "results.json")])
+  methods = [r["method"] for r in rows]
+  assert methods == [f"generation {task}", "training mean", "linear on P5 features",
+                     "gbdt on P5 features", "linear on ID baseline", "gbdt on ID baseline"]
+  assert rows[0]["n_eval"] == 8
+  for r in rows:
+    assert 0.0 <= r["mae"] <= r["rmse"] <= 4.0, r
+  assert all(r["n_eval"] == 64 for r in rows[1:])  # heads report on the test split
+  table = heads.compare_table(rows)
+  assert table.count("\n") == 1 + len(rows) and "| gbdt on P5 features | rating |" in table

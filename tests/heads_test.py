@@ -173,6 +173,23 @@ def test_generation_rows_from_predictions_and_metrics(tmp_path):
   assert (row["rmse"], row["mae"]) == (0.5, 0.4)
 
 
+def test_generation_rows_from_results_json(tmp_path):
+  results = tmp_path / "results.json"
+  results.write_text(json.dumps({"rows": [
+      {"task": "p5_x_rating_1_1", "prompt": "1-1", "examples": 7, "rmse": 1.25, "mae": 1.0},
+      {"task": "p5_x_rating_1_4", "prompt": "1-4", "examples": 7, "accuracy": 64.0,
+       "auc": 55.0},
+      {"task": "p5_x_sequential_2_3", "examples": 7, "hr@10": 0.1}], "step": 4}))
+  rows = {r["method"]: r for r in heads.generation_rows(str(results))}
+  assert sorted(rows) == ["generation p5_x_rating_1_1", "generation p5_x_rating_1_4"]
+  assert rows["generation p5_x_rating_1_1"] == {
+      "rmse": 1.25, "mae": 1.0, "method": "generation p5_x_rating_1_1", "target": "rating",
+      "n_eval": 7}
+  click = rows["generation p5_x_rating_1_4"]
+  assert click["target"] == "click" and click["accuracy"] == pytest.approx(0.64)
+  assert click["auc"] == pytest.approx(0.55)
+
+
 def test_compare_table(rating_file, tmp_path):
   preds = tmp_path / "preds.jsonl"
   preds.write_text(json.dumps({"prediction": "3.0", "target": "4.0"}))

@@ -74,6 +74,14 @@ def test_unseen_prompts_absent_from_training():
                       if schema.FAMILIES[int(i[0]) - 1] in schema.DATASETS[name].families)
 
 
+def test_review_prompt_tasks_also_render_the_train_split():
+  # p5jax.embed exports train examples of one fixed prompt for the heads.
+  assert seqio.get_mixture_or_task("p5_ml100k_rating_1_1").splits == (
+      "train", "validation", "test")
+  assert seqio.get_mixture_or_task("p5_ml100k_sequential_2_3").splits == (
+      "validation", "test")
+
+
 def test_metric_fns_per_prompt_kind():
   t = seqio.get_mixture_or_task("p5_ml100k_sequential_2_13")
   assert [f.__name__ for f in t.predict_metric_fns] == ["ranking_metrics"]
