@@ -239,6 +239,7 @@ def train(
     run_eval_before_training: bool = False,
     summarize_config_fn: Optional[Callable[[str, Any, int], None]] = None,
     data_dir: Optional[str] = None,
+    param_init_fn: Optional[Callable[[Any, Any], Any]] = None,
 ) -> Tuple[int, train_state_lib.TrainState]:
   """Trains `model` to `total_steps` (T5X `train.train`, keyword-only).
 
@@ -264,6 +265,9 @@ def train(
       (e.g. `gin_utils.summarize_gin_config`).
     data_dir: root of the prepared data (`p5jax.data.schema.set_data_root`);
       None keeps ``$P5JAX_DATA_DIR`` / the default.
+    param_init_fn: ``fn(params, model) -> params`` applied once to freshly
+      initialised parameters (never to restored ones), e.g.
+      `p5jax.item_init.CooccurrenceInit`.
 
   Returns:
     (final step, final train state).
@@ -293,6 +297,12 @@ def train(
   init_rng, dropout_seed = train_rngs(random_seed)
   init_fn, abstract_state, state_axes = create_train_state(
       model, optimizer, partitioner, shapes, types, init_rng)
+  if param_init_fn is not None:
+    base_init_fn = init_fn
+
+    def init_fn(rng):  # pylint: disable=function-redefined
+      state = base_init_fn(rng)
+      return state.replace(params=param_init_fn(state.params, model))
 
   eval_ds = None
   if train_eval_dataset_cfg is not None:

@@ -3,6 +3,7 @@
 Checks the whole path an item takes: the prepared vocabulary, prompt
 rendering, the catalog's trie rows, the postprocessor and the span finder.
 """
+import json
 import os
 
 import numpy as np
@@ -99,3 +100,47 @@ def test_span_finder_reads_item_token_words(roots):
   _, item_mask, users, items = features.SpanFinder(pieces)(tokens, wwids)
   assert users == ["3"] and items == ["7"]
   assert item_mask.sum() >= 2  # "item", "_", "<i7>" pieces of one word
+
+
+def test_cooccurrence_init_rows_follow_training_co_occurrence(roots):
+  """Items of one taste group (the fixture's world) start closer together."""
+  import types  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from p5jax import item_init  # pylint: disable=g-import-not-at-top
+  schema.set_data_root(roots["tokens"])
+  vocab = _vocab(roots["tokens"])
+  rng = np.random.default_rng(0)
+  table = rng.normal(size=(vocab_lib.model_vocab_size(vocab), 16)).astype(np.float32)
+  params = {"token_embedder": {"embedding": jnp.asarray(table)}, "other": jnp.ones(3)}
+  model = types.SimpleNamespace(input_vocabulary=vocab)
+  out = item_init.CooccurrenceInit(dataset="ml100k", window=3)(params, model)
+  new = np.asarray(out["token_embedder"]["embedding"])
+  catalog = evaluation.Catalog.load("ml100k")
+  ids = item_init.item_token_ids(vocab, catalog.item_ids)
+  others = np.setdiff1d(np.arange(len(table)), ids)
+  np.testing.assert_array_equal(new[others], table[others])  # only item rows change
+  assert not np.allclose(new[ids], table[ids])
+  assert new[ids].std() == pytest.approx(table[ids].std(), rel=1e-3)
+  # Fixture users mostly rate items of their own group (item raw id mod 5):
+  # rows of the same group are more similar than rows of different groups.
+  id2item = {v: k for k, v in json.load(open(os.path.join(
+      schema.dataset_dir("ml100k", roots["tokens"]), "datamaps.json")))["item2id"].items()}
+  group = np.array([(int(id2item[i]) - 1) % 5 for i in catalog.item_ids])
+  rows = new[ids] / np.linalg.norm(new[ids], axis=1, keepdims=True)
+  cos = rows @ rows.T
+  same = group[:, None] == group[None, :]
+  off_diag = ~np.eye(len(ids), dtype=bool)
+  assert cos[same & off_diag].mean() > cos[~same].mean() + 0.2
+  # Deterministic.
+  again = item_init.CooccurrenceInit(dataset="ml100k", window=3)(params, model)
+  np.testing.assert_array_equal(np.asarray(again["token_embedder"]["embedding"]), new)
+
+
+def test_cooccurrence_init_needs_item_tokens(roots):
+  import types  # pylint: disable=g-import-not-at-top
+  from p5jax import item_init  # pylint: disable=g-import-not-at-top
+  schema.set_data_root(roots["plain"])
+  model = types.SimpleNamespace(input_vocabulary=_vocab(roots["plain"]))
+  params = {"token_embedder": {"embedding": np.zeros((512, 8), np.float32)}}
+  with pytest.raises(item_init.ItemInitError, match="item tokens"):
+    item_init.CooccurrenceInit(dataset="ml100k")(params, model)
