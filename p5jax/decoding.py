@@ -402,12 +402,25 @@ def _exclusion_mask(trie: Optional[ItemTrie], exclude_BxX) -> Optional[jnp.ndarr
   return mask.at[:, trie.num_items].set(False)
 
 
-def _excluded_leaves(trie: ItemTrie, leaves: jnp.ndarray,
-                     excluded_BxN1: jnp.ndarray) -> jnp.ndarray:
-  """leaves [B, K, ...], `_exclusion_mask` [B, N + 1] -> bool [B, K, ...]."""
-  items = trie.item_of(leaves)
+def _excluded_children(trie: ItemTrie, children: jnp.ndarray,
+                       excluded_BxN1: jnp.ndarray) -> jnp.ndarray:
+  """Children [B, K, ...] whose only completion is an excluded item -> True.
+
+  That is an excluded item's leaf (reached by EOS), or a node whose single
+  continuation is EOS into such a leaf: the step that writes an excluded
+  item's last token is already refused, so no beam is spent on it (with one
+  token per item, a heavy user's history would otherwise fill the beam).
+  Nodes with other continuations (an id that prefixes another id) stay open.
+  """
+  on_trie = children >= 0
+  safe = jnp.where(on_trie, children, 0)
+  start = trie.node_edge_start[safe]
+  degree = trie.node_edge_start[safe + 1] - start
+  edge = jnp.minimum(start, trie.edge_token.shape[0] - 1)
+  only_eos = on_trie & (degree == 1) & (trie.edge_token[edge] == trie.eos_id)
+  items = jnp.where(only_eos, trie.item_of(trie.edge_child[edge]), trie.item_of(children))
   items = jnp.where(items >= 0, items, trie.num_items).reshape(items.shape[0], -1)
-  return jnp.take_along_axis(excluded_BxN1, items, axis=1).reshape(leaves.shape)
+  return jnp.take_along_axis(excluded_BxN1, items, axis=1).reshape(children.shape)
 
 
 def _check_constraint(constraint, exclude, vocab_size, max_decode_len):
@@ -578,8 +591,7 @@ def beam_search(inputs: jnp.ndarray,
       win_tok_BxRxM, win_child_BxRxM, win_valid_BxRxM = constraint.window(
           state.live_nodes[:, beam_size - rows:])
       if exclude is not None:
-        win_valid_BxRxM &= ~((win_tok_BxRxM == eos_id) & _excluded_leaves(
-            constraint, win_child_BxRxM, exclude))
+        win_valid_BxRxM &= ~_excluded_children(constraint, win_child_BxRxM, exclude)
       # Log-probs of the allowed tokens only: a logsumexp reduction plus a
       # gather, instead of materialising the full [B, K, V] log-softmax.
       log_z_BxRx1 = jax.nn.logsumexp(logits_BxRxV, axis=-1, keepdims=True)
@@ -814,8 +826,7 @@ def temperature_sample(inputs: jnp.ndarray,
     else:
       win_tok_NxM, win_child_NxM, valid_NxC = constraint.window(state.nodes)
       if exclude is not None:
-        valid_NxC &= ~((win_tok_NxM == eos_id) & _excluded_leaves(
-            constraint, win_child_NxM, exclude))
+        valid_NxC &= ~_excluded_children(constraint, win_child_NxM, exclude)
       cand_logits_NxC = jnp.where(
           valid_NxC, jnp.take_along_axis(logits_NxV, win_tok_NxM, axis=1), NEG_INF)
       raw_lp_NxC = jnp.take_along_axis(raw_log_probs_NxV, win_tok_NxM, axis=1)

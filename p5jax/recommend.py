@@ -129,8 +129,9 @@ class Recommender:
     if not include_seen:
       seen = self.items.indices(self.catalog.history(user_id, "all"))
       exclude = np.tile(np.asarray(seen or [-1], np.int32), (rows, 1))
-    # Excluded (seen) items end beams at their last token, so search wider
-    # than `topk` to still return `topk` unseen items for heavy users.
+    # Seen items are refused when their last token would be written; an id
+    # that prefixes another id can still end a beam at EOS, so search a bit
+    # wider than `topk`.
     beam_size = beam_size or max(2 * topk, 20)
     ranked, scores = self.runner.rank_items(batch, self.items.trie,
                                             max(topk, beam_size), 0.0, exclude)

@@ -315,6 +315,29 @@ class TestConstrainedBeamSearch:
     np.testing.assert_array_equal(eager_seqs, ex_seqs)
     np.testing.assert_allclose(eager_scores, ex_scores, rtol=1e-6)
 
+  def test_excluded_items_never_take_a_beam(self):
+    # One token per item (item tokens): excluded items are refused when their
+    # last token would be written, so K beams still return K allowed items
+    # even when the excluded ones are the most likely.
+    model, _, vocab = _constrained_setup()
+    catalog = [[2], [3], [4], [5]]
+    trie = decoding.build_item_trie(catalog, vocab_size=vocab, eos_id=EOS)
+    run = jit_decode(decoding.beam_search, tokens_to_logits=model.tokens_to_logits,
+                     eos_id=EOS, num_decodes=2, alpha=0.0)
+    seqs, _ = run(jnp.zeros((2, 3), jnp.int32), model.init_cache(2), constraint=trie,
+                  exclude=jnp.full((2, 1), -1))
+    best = np.asarray(decoding.item_indices(trie, seqs))[:, ::-1]  # best first
+    exclude = jnp.asarray(best, jnp.int32)  # ban each example's top two
+    seqs, scores = run(jnp.zeros((2, 3), jnp.int32), model.init_cache(2),
+                       constraint=trie, exclude=exclude)
+    items = np.asarray(decoding.item_indices(trie, seqs))
+    for b in range(2):
+      allowed = [c + [EOS] for i, c in enumerate(catalog) if i not in set(best[b])]
+      want_seqs, want_scores = brute_force_top(model, b, allowed, 0.0, 2, 3)
+      assert (items[b] >= 0).all() and not set(items[b]) & set(best[b])
+      np.testing.assert_array_equal(seqs[b], want_seqs)
+      np.testing.assert_allclose(scores[b], want_scores, rtol=1e-5)
+
   @pytest.mark.parametrize("constrained", [False, True])
   def test_first_step_per_example_changes_nothing(self, constrained):
     # With a batch-sized cache the first step runs on one row per example;
