@@ -318,25 +318,36 @@ class ModelRunner:
     """Log-likelihood of each example's C target options [B, C] (float32).
 
     Equals ``model.score_batch`` on a batch with every (example, option) row,
-    but the encoder runs once per example: its output is repeated C times for
-    a single teacher-forced decoder pass.
+    but the encoder runs once per example and so do the cross-attention
+    keys/values: the options are teacher-forced through the cached decoder
+    (T steps of B * C rows sharing each example's cached encoder keys/values,
+    as beams do), instead of projecting a C-times repeated encoder output.
     """
     model = self.model
 
     def fn(params, feats, options):
       b, c, t = options.shape
+      inputs_BxS = feats["encoder_input_tokens"]
       encoded_BxSxD = model.module.apply(
-          {"params": params}, feats["encoder_input_tokens"], None, None,
+          {"params": params}, inputs_BxS, None, None,
           feats.get("encoder_whole_word_ids"), enable_dropout=False, method="encode")
-      repeat = lambda x: jnp.repeat(x, c, axis=0)
+      cache = model._init_cache(params, encoded_BxSxD, inputs_BxS, (b, t))  # pylint: disable=protected-access
+      cache = decoding.cache_map(lambda x: decoding.flat_batch_beam_expand(x, c), cache)
       targets_NxT = options.reshape(b * c, t)
-      logits_NxTxV = model.module.apply(
-          {"params": params}, repeat(encoded_BxSxD), repeat(feats["encoder_input_tokens"]),
-          _shift_right(targets_NxT), targets_NxT, enable_dropout=False, method="decode")
-      log_probs = jax.nn.log_softmax(logits_NxTxV.astype(jnp.float32), axis=-1)
-      token_lp_NxT = jnp.take_along_axis(log_probs, targets_NxT[..., None], axis=-1)[..., 0]
-      token_lp_NxT = jnp.where(targets_NxT > 0, token_lp_NxT, 0.0)
-      return jnp.sum(token_lp_NxT, axis=-1).reshape(b, c)
+      shifted_NxT = _shift_right(targets_NxT)
+      total_N = jnp.zeros((b * c,), jnp.float32)
+      for i in range(t):  # T is a handful of item tokens: unrolled
+        step = shifted_NxT[:, i:i + 1]
+        logits_Nx1xV, new_vars = model.module.apply(
+            {"params": params, "cache": cache}, None, inputs_BxS, step, step,
+            enable_dropout=False, decode=True, max_decode_length=t,
+            mutable=["cache"], method="decode")
+        cache = new_vars["cache"]
+        log_probs_NxV = jax.nn.log_softmax(logits_Nx1xV[:, 0].astype(jnp.float32), axis=-1)
+        token = targets_NxT[:, i]
+        lp_N = jnp.take_along_axis(log_probs_NxV, token[:, None], axis=-1)[:, 0]
+        total_N = total_N + jnp.where(token > 0, lp_N, 0.0)
+      return total_N.reshape(b, c)
 
     call = self._partitioned(("score_options",), fn,
                              (self.params_axes, self._data, self._data))
