@@ -9,6 +9,9 @@ r"""ML-100K next-item quality beside baselines, on one split in one run.
   excluded) with a seen sequential prompt (2-3) and the unseen one (2-13);
 * popularity: items ranked by their count in everyone's non-test
   interactions, the user's history excluded (computed here, same split);
+* item co-occurrence: unseen items that most often followed (<= 5 positions
+  later) the user's last 5 items in everyone's non-test interactions -- a
+  simple sequential baseline showing how much order there is to learn;
 * OpenP5's published T5-small ML-100K figures (a quoted reference row: another
   split, another machine, not comparable to the last digit).
 
@@ -31,22 +34,55 @@ OPENP5_REFERENCE = {
 KS = (5, 10)
 
 
-def popularity_metrics(sequences):
-  """HR/NDCG@k of most-popular-unseen on the leave-one-out test split."""
-  counts = collections.Counter()
-  for items in sequences.values():
-    counts.update(items[:-1])  # everything but the test items
-  ranked = [item for item, _ in counts.most_common()]
+def _ranking_metrics(sequences, top_for):
+  """HR/NDCG@k on the leave-one-out test split; `top_for(items[:-1])` ranks."""
   sums = collections.defaultdict(float)
   for items in sequences.values():
-    seen, target = set(items[:-1]), items[-1]
-    top = [i for i in ranked if i not in seen][:max(KS)]
+    target = items[-1]
+    top = top_for(items[:-1])[:max(KS)]
     for k in KS:
       if target in top[:k]:
         sums[f"hr@{k}"] += 1.0
         sums[f"ndcg@{k}"] += 1.0 / math.log2(top.index(target) + 2)
   n = len(sequences)
-  return {name: value / n for name, value in sorted(sums.items())}
+  return {f"{m}@{k}": sums[f"{m}@{k}"] / n for k in KS for m in ("hr", "ndcg")}
+
+
+def popularity_metrics(sequences):
+  """Most-popular-unseen: items by count in everyone's non-test interactions."""
+  counts = collections.Counter()
+  for items in sequences.values():
+    counts.update(items[:-1])  # everything but the test items
+  ranked = [item for item, _ in counts.most_common()]
+  return _ranking_metrics(
+      sequences, lambda history: [i for i in ranked if i not in set(history)])
+
+
+def cooccurrence_metrics(sequences, window=5, recent=5):
+  """Item-to-item neighbours: items following the user's last `recent` items.
+
+  Counts ordered pairs at most `window` apart in everyone's non-test
+  interactions; scores unseen items by their summed counts after the user's
+  last `recent` items, popularity breaking ties. A classic non-neural
+  sequential baseline, for scale.
+  """
+  follows = collections.defaultdict(collections.Counter)
+  counts = collections.Counter()
+  for items in sequences.values():
+    history = items[:-1]
+    counts.update(history)
+    for a, item in enumerate(history):
+      follows[item].update(history[a + 1:a + 1 + window])
+
+  def top_for(history):
+    seen = set(history)
+    score = collections.Counter()
+    for item in history[-recent:]:
+      score.update(follows[item])
+    ranked = sorted(counts, key=lambda i: (-score[i], -counts[i], i))
+    return [i for i in ranked if i not in seen]
+
+  return _ranking_metrics(sequences, top_for)
 
 
 def p5jax_metrics(model_dir, dataset, prompts, beam_size, batch_size):
@@ -100,6 +136,8 @@ def main(argv=None):
     table[f"p5jax prompt {prompt}{unseen}"] = {k: row.get(k) for k in
                                                ("hr@5", "ndcg@5", "hr@10", "ndcg@10")}
   table["popularity, history excluded (same split)"] = popularity
+  table["item co-occurrence after the last 5 items (same split)"] = cooccurrence_metrics(
+      catalog.sequences)
   table.update(OPENP5_REFERENCE)
   best = max(r["hr@10"] for name, r in table.items() if name.startswith("p5jax"))
   best_ndcg = max(r["ndcg@10"] for name, r in table.items() if name.startswith("p5jax"))
