@@ -1,8 +1,9 @@
 """Tests for p5jax.train / gin_utils: gin runs, exact resume, preemption, clear errors.
 
 Uses the toy model and the tiny integer-token SeqIO task from `trainer_test`;
-`test_ml100k_tiny_gin_run` runs the real `gin/experiments/ml100k_tiny.gin` on
-the shipped fixture when the model, tasks and fixture data are available.
+`test_experiment_gin_run_on_fixture` runs the real `gin/experiments/
+ml100k_tiny.gin` and the main job's `ml100k_cpu.gin` (item tokens,
+co-occurrence init) on the ML-100K-format fixture.
 """
 import glob
 import os
@@ -180,22 +181,34 @@ def test_gin_errors_are_gin_config_errors(tmp_path):
       "prog", "--gin_bindings=MODEL_DIR = '/m'", "--gin_file=a.gin"]
 
 
-def test_ml100k_tiny_gin_run_on_fixture(tmp_path):
-  """`gin/experiments/ml100k_tiny.gin` for 3 steps on the ML-100K-format fixture."""
+# The README main job's config (item tokens + co-occurrence init) at toy
+# dims, and the tiny experiment as written.
+GIN_RUNS = {
+    "ml100k_tiny": dict(item_tokens=False, bindings=[]),
+    "ml100k_cpu": dict(item_tokens=True, bindings=[
+        "network.T5Config.d_model = 32", "network.T5Config.head_dim = 8",
+        "network.T5Config.d_ff = 64"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GIN_RUNS))
+def test_experiment_gin_run_on_fixture(tmp_path, name):
+  """`gin/experiments/<name>.gin` for 3 steps on the ML-100K-format fixture."""
   fixtures = pytest.importorskip("fixtures")
   pytest.importorskip("tasks.mixtures")
   from p5jax import vocab  # pylint: disable=g-import-not-at-top
   from p5jax.data import schema  # pylint: disable=g-import-not-at-top
-  root = fixtures.prepared_root(tmp_path, dataset="ml-100k")
+  run = GIN_RUNS[name]
+  root = fixtures.prepared_root(tmp_path, dataset="ml-100k", item_tokens=run["item_tokens"])
   if not os.path.exists(os.path.join(root, "ml100k", vocab.SPIECE_FILENAME)):
     vocab.build_dataset_vocabulary(os.path.join(root, "ml100k"))
   import tasks.mixtures  # pylint: disable=g-import-not-at-top,unused-import
   train_using_gin = gin.configurable(train_lib.train)
   model_dir = tmp_path / "model"
   bindings = [f"MODEL_DIR = '{model_dir}'", f"DATA_DIR = '{root}'", "TRAIN_STEPS = 3",
-              "SAVING_PERIOD = 2", "BATCH_SIZE = 4",
-              "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 8}"]
-  gin_utils.parse_gin_flags([REPO], ["gin/experiments/ml100k_tiny.gin"], bindings)
+              "SAVING_PERIOD = 2", "BATCH_SIZE = 4", "LOG_EVERY_STEPS = 1",
+              "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 8}", *run["bindings"]]
+  gin_utils.parse_gin_flags([REPO], [f"gin/experiments/{name}.gin"], bindings)
   schema.set_data_root(gin_utils.macro_value("DATA_DIR"))
   try:
     step, _ = train_using_gin(train_eval_dataset_cfg=None)  # teacher-forced eval: tested above
