@@ -23,58 +23,32 @@ class EmbedError(ValueError):
   """The model, checkpoint or task cannot be used for embedding."""
 
 
-# Configurables the trainer's config.gin may reference; imported before parsing.
-_GIN_MODULES = ("p5jax.network", "p5jax.models", "p5jax.vocab", "p5jax.partitioning",
-                "p5jax.optimizers", "p5jax.utils", "p5jax.trainer", "p5jax.decoding",
-                "p5jax.feature_converters", "p5jax.checkpoints", "p5jax.losses")
-_MODEL_SELECTORS = ("train.model", "p5jax.train.train.model", "evaluate.model",
-                    "infer.model")
-
-
 def load_model(model_dir: str, gin_files: Sequence[str] = (),
-               gin_bindings: Sequence[str] = (), gin_search_paths: Sequence[str] = ()):
+               gin_bindings: Sequence[str] = (), gin_search_paths: Sequence[str] = (),
+               use_config_data_dir: bool = True):
   """Builds the model from ``<model_dir>/config.gin`` plus overrides.
+
+  With `use_config_data_dir` the run's DATA_DIR becomes the data root before
+  the model (whose vocabulary lives there) is built; otherwise set it first.
 
   Returns:
     (model, data_dir or None): the `EncoderDecoderModel` and the prepared-data
-    root the run trained on (``train.data_dir``), if bound.
+    root the run trained on (its ``DATA_DIR``), if it set one.
   """
-  import importlib
-  import gin
-  from p5jax import train as train_lib
-  for name in _GIN_MODULES:
-    try:
-      importlib.import_module(name)
-    except ImportError:
-      pass
-  try:
-    gin.configurable("train")(train_lib.train)
-  except ValueError:
-    pass  # already registered in this process
+  import gin  # pylint: disable=g-import-not-at-top
+  from p5jax import gin_utils  # pylint: disable=g-import-not-at-top
   config = os.path.join(model_dir, "config.gin")
-  files = ([config] if os.path.exists(config) else []) + list(gin_files)
-  if not files and not gin_bindings:
+  if not os.path.exists(config) and not gin_files and not gin_bindings:
     raise EmbedError(f"{config} does not exist and no --gin_file was given: "
                      "cannot tell which model to build")
   for path in gin_search_paths:
     gin.add_config_file_search_path(path)
-  with gin.unlock_config():
-    gin.parse_config_files_and_bindings(files, gin_bindings, skip_unknown=True,
-                                        finalize_config=False)
-  model = None
-  for selector in _MODEL_SELECTORS + ("MODEL/macro.value",):
-    try:
-      ref = gin.query_parameter(selector)
-    except (ValueError, KeyError):
-      continue
-    model = ref.scoped_configurable_fn() if hasattr(ref, "scoped_configurable_fn") else ref
-    break
-  if model is None:
-    raise EmbedError(f"no model binding (train.model or MODEL) in {files} {list(gin_bindings)}")
   try:
-    data_dir = gin.query_parameter("train.data_dir")
-  except (ValueError, KeyError):
-    data_dir = None
+    model, _, data_dir = gin_utils.model_from_run_config(
+        config if os.path.exists(config) else None, use_config_data_dir=use_config_data_dir,
+        gin_files=gin_files, gin_bindings=gin_bindings)
+  except gin_utils.GinConfigError as e:
+    raise EmbedError(str(e)) from None
   return model, data_dir
 
 
@@ -108,9 +82,10 @@ def main(argv):
     raise EmbedError(f"unexpected arguments: {argv[1:]}")
   if not (f.model_dir and f.task and f.out):
     raise EmbedError("--model_dir, --task and --out are required")
-  model, data_dir = load_model(f.model_dir, f.gin_file, f.gin_bindings, f.gin_search_paths)
-  if f.data_dir or data_dir:
-    data_schema.set_data_root(f.data_dir or data_dir)
+  if f.data_dir:  # before the model: its vocabulary lives under the data root
+    data_schema.set_data_root(f.data_dir)
+  model, _ = load_model(f.model_dir, f.gin_file, f.gin_bindings, f.gin_search_paths,
+                        use_config_data_dir=not f.data_dir)
   utils.import_module(f.module)
   utils.get_mixture_or_task(f.task)
   config = features_lib.EmbedConfig(

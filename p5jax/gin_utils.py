@@ -142,6 +142,44 @@ def parse_gin_flags(gin_search_paths: Sequence[str] = (),
     gin.finalize()
 
 
+def model_from_run_config(config_path: Optional[str], use_config_data_dir: bool = True,
+                          gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = ()):
+  """Builds MODEL from a run's ``config.gin``; returns (model, TASK_MODULE, DATA_DIR).
+
+  The file (plus any `gin_files` / `gin_bindings` overrides, parsed after it)
+  is parsed strictly: its ``from ... import`` lines register every
+  configurable it names. With `use_config_data_dir`, the run's own DATA_DIR
+  (if it set one) becomes the data root before the model -- and its
+  vocabulary -- is built. Clears any earlier gin config.
+  """
+  from p5jax.data import schema  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  files = ([config_path] if config_path else []) + list(gin_files)
+  try:
+    with gin.unlock_config():
+      gin.parse_config_files_and_bindings(files, list(gin_bindings), skip_unknown=False,
+                                          finalize_config=False)
+    task_module = macro_value("TASK_MODULE", "tasks.mixtures")
+    model_ref = gin.query_parameter("%MODEL")
+    data_dir = macro_value("DATA_DIR")
+  except (ValueError, SyntaxError, ImportError, IOError) as e:
+    raise GinConfigError(f"{', '.join(files)}: cannot read the model config: {e}") from None
+  if not isinstance(model_ref, gin.config.ConfigurableReference):
+    raise GinConfigError(f"{', '.join(files)}: MODEL must be a configurable reference, got "
+                         f"{model_ref!r}")
+  if use_config_data_dir and isinstance(data_dir, str) and data_dir:
+    schema.set_data_root(data_dir)
+  # Let gin build the object the reference describes, as for any bound parameter.
+  # Fully qualified: under `python -m` a module also exists as __main__.
+  gin.bind_parameter(f"{__name__}.p5jax_run_model.model", model_ref)
+  return _configured_model(), task_module, data_dir if isinstance(data_dir, str) else None
+
+
+@gin.configurable("p5jax_run_model")
+def _configured_model(model=gin.REQUIRED):
+  return model
+
+
 def summarize_gin_config(model_dir: str, summary_writer, step: int) -> None:
   """Writes the full gin config to ``model_dir/config.gin`` and as a text summary."""
   config_str = gin.config_str()

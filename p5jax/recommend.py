@@ -22,8 +22,9 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-import gin
 import numpy as np
+
+from p5jax import gin_utils
 
 EXIT_UNKNOWN_USER = 2
 DEFAULT_PROMPT = "2-1"
@@ -159,43 +160,12 @@ def report(rec: Recommender, user_id: str, topk: int = 10, history_items: int = 
 
 
 def _model_from_config(config_path: str, use_config_data_dir: bool = True):
-  """Builds MODEL from a run's config.gin; returns (model, TASK_MODULE).
-
-  With `use_config_data_dir`, the run's own DATA_DIR (if it set one) becomes
-  the data root before the model (and its vocabulary) is built.
-  """
-  gin.clear_config()
+  """(model, TASK_MODULE) from a run's config.gin (`gin_utils.model_from_run_config`)."""
   try:
-    with gin.unlock_config():
-      gin.parse_config_files_and_bindings([config_path], [], skip_unknown=False,
-                                          finalize_config=False)
-    try:
-      task_module = gin.query_parameter("%TASK_MODULE")
-    except ValueError:
-      task_module = "tasks.mixtures"
-    model_ref = gin.query_parameter("%MODEL")
-    if use_config_data_dir:
-      try:
-        run_data_dir = gin.query_parameter("%DATA_DIR")
-      except ValueError:
-        run_data_dir = None
-      if isinstance(run_data_dir, str) and run_data_dir:
-        from p5jax.data import schema  # pylint: disable=g-import-not-at-top
-        schema.set_data_root(run_data_dir)
-  except (ValueError, SyntaxError, ImportError, IOError) as e:
-    raise RecommendError(f"{config_path}: cannot read the model config: {e}") from None
-  if not isinstance(model_ref, gin.config.ConfigurableReference):
-    raise RecommendError(f"{config_path}: MODEL must be a configurable reference, got "
-                         f"{model_ref!r}")
-  # Let gin build the object the reference describes, as for any bound parameter.
-  # Fully qualified: under `python -m` the module also exists as __main__.
-  gin.bind_parameter(f"{__name__}.p5jax_recommend_model.model", model_ref)
-  return _configured_model(), task_module
-
-
-@gin.configurable("p5jax_recommend_model")
-def _configured_model(model=gin.REQUIRED):
-  return model
+    model, task_module, _ = gin_utils.model_from_run_config(config_path, use_config_data_dir)
+  except gin_utils.GinConfigError as e:
+    raise RecommendError(str(e)) from None
+  return model, task_module
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

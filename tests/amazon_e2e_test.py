@@ -130,10 +130,12 @@ def test_heads_beside_generation_from_the_trained_checkpoint(run, tmp_path):
   _evaluate(run, task, gen_dir, evaluation.EvalConfig(batch_size=4, max_examples=8))
   config = features.EmbedConfig(task=task, splits=("train", "test"), batch_size=8,
                                 inputs_length=128, targets_length=16, max_examples=64)
-  params, axes = embed.load_params(run["model_dir"], args["model"], args["partitioner"],
-                                   config)
+  # As `python -m p5jax.embed --model_dir=...` does: the model from the run's config.gin.
+  model, data_dir = embed.load_model(run["model_dir"])
+  assert data_dir and model.output_vocabulary == args["model"].output_vocabulary
+  params, axes = embed.load_params(run["model_dir"], model, args["partitioner"], config)
   out = str(tmp_path / "rating.parquet")
-  embed.run(args["model"], params, axes, args["partitioner"], config, out, progress=False)
+  embed.run(model, params, axes, args["partitioner"], config, out, progress=False)
 
   rows = heads.compare(out, "rating", ["mean", "linear", "gbdt"],
                        [os.path.join(gen_dir, "results.json")])
