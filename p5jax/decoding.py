@@ -27,7 +27,9 @@ token ids of every catalog item into an `ItemTrie`, a pytree of int32 arrays in
 CSR layout (per node, its child edges sorted by token). Passing it as
 `constraint=` to `beam_search`/`temperature_sample` makes every decode a valid
 catalog item id followed by EOS; `exclude=` additionally forbids given items
-per example (e.g. the user's history). Every beam carries its trie node; at
+per example (e.g. the user's history): a per-example item mask built once
+before the loop refuses an excluded item's last token (and its EOS), so
+excluded items never occupy a beam. Every beam carries its trie node; at
 each step the allowed tokens of that node are gathered as a fixed-width window
 of `max_degree` edges, so the per-step work is `O(batch * beams * max_degree)`
 on top of the model, and top-k runs over allowed tokens only.
