@@ -15,7 +15,6 @@ notebook or the training job can call it without gin.
 import ast
 import logging
 import os
-import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import jax
@@ -198,23 +197,16 @@ def _import_task_module_and_finalize() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """``python -m p5jax.eval --gin_file=gin/runs/eval.gin --gin.CHECKPOINT_PATH=...``."""
-  from absl import app  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
   flag_values = gin_utils.define_gin_flags()
 
-  def _main(args):
-    if len(args) > 1:
-      raise app.UsageError(f"unexpected arguments: {args[1:]}")
+  def body():
     evaluate_using_gin = gin.configurable(evaluate)
-    try:
-      parse_flags_with_run_config(flag_values.gin_search_paths, flag_values.gin_file,
-                                  flag_values.gin_bindings)
-      evaluate_using_gin()
-    except USER_ERRORS as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
+    parse_flags_with_run_config(flag_values.gin_search_paths, flag_values.gin_file,
+                                flag_values.gin_bindings)
+    evaluate_using_gin()
 
-  gin_utils.run(_main, argv)
+  gin_utils.run_cli(body, lambda e: isinstance(e, USER_ERRORS), argv)
 
 
 if __name__ == "__main__":

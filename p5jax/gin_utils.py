@@ -208,3 +208,27 @@ def run(main: Callable[[Sequence[str]], None], argv: Optional[Sequence[str]] = N
   from absl import app  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv if argv is None else argv)
   app.run(main, argv=rewrite_gin_args(argv))
+
+
+def run_cli(body: Callable[[], None], is_user_error: Callable[[BaseException], bool],
+            argv: Optional[Sequence[str]] = None) -> None:
+  """`run` for a gin entry point that takes no positional arguments.
+
+  An exception `is_user_error` accepts (bad input, named by its message) is
+  printed as one ``error: ...`` line and exits 1; anything else raises with
+  its traceback.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  def _main(args):
+    if len(args) > 1:
+      raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    try:
+      body()
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_user_error(e):
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+
+  run(_main, argv)

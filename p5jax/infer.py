@@ -14,7 +14,6 @@ exactly as `evaluation.PromptEvaluator` computes them for metrics.
 """
 import json
 import os
-import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import seqio
@@ -105,24 +104,17 @@ def _score_rows(runner, model, task_name, dataset_cfg, eval_config):
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """``python -m p5jax.infer --gin_file=gin/runs/infer.gin --gin.CHECKPOINT_PATH=...``."""
-  from absl import app  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
   flag_values = gin_utils.define_gin_flags()
 
-  def _main(args):
-    if len(args) > 1:
-      raise app.UsageError(f"unexpected arguments: {args[1:]}")
+  def body():
     infer_using_gin = gin.configurable(infer)
-    try:
-      eval_lib.parse_flags_with_run_config(flag_values.gin_search_paths, flag_values.gin_file,
-                                           flag_values.gin_bindings)
-      for path in infer_using_gin():
-        print(path)
-    except eval_lib.USER_ERRORS as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
+    eval_lib.parse_flags_with_run_config(flag_values.gin_search_paths, flag_values.gin_file,
+                                         flag_values.gin_bindings)
+    for path in infer_using_gin():
+      print(path)
 
-  gin_utils.run(_main, argv)
+  gin_utils.run_cli(body, lambda e: isinstance(e, eval_lib.USER_ERRORS), argv)
 
 
 if __name__ == "__main__":

@@ -150,23 +150,14 @@ def run(*,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
   fv = gin_utils.define_gin_flags()
 
-  def _main(args):
-    if len(args) > 1:
-      raise app.UsageError(f"unexpected arguments: {args[1:]}")
+  def body():
     train_lib._quiet_library_info_logs()  # pylint: disable=protected-access
-    try:
-      setup(fv.gin_file, fv.gin_bindings, fv.gin_search_paths)
-      run()
-    except Exception as e:  # pylint: disable=broad-except
-      if not train_lib.is_user_error(e):
-        raise
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
+    setup(fv.gin_file, fv.gin_bindings, fv.gin_search_paths)
+    run()
 
-  gin_utils.run(_main, argv)
+  gin_utils.run_cli(body, train_lib.is_user_error, argv)
 
 
 if __name__ == "__main__":

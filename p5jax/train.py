@@ -449,39 +449,29 @@ def _quiet_library_info_logs(prefixes=("/orbax/",)) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """``python -m p5jax.train --gin_file=... --gin.MODEL_DIR="'...'"``."""
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
   flag_values = gin_utils.define_gin_flags()
 
-  def _main(args):
-    if len(args) > 1:
-      raise app.UsageError(f"unexpected arguments: {args[1:]}")
+  def body():
     _quiet_library_info_logs()
     train_using_gin = gin.configurable(train)
-    try:
-      gin_utils.parse_gin_flags(flag_values.gin_search_paths, flag_values.gin_file,
-                                flag_values.gin_bindings, finalize_config=False)
-      # Task modules register gin configurables at import: import them before
-      # the config is locked (T5X imports them from the gin files).
-      utils.import_module(gin_utils.macro_value("TASK_MODULE"))
-      gin.finalize()
-      if gin_utils.macro_value("DRY_RUN", False):
-        print(json.dumps(dry_run(batch_size=gin_utils.macro_value("BATCH_SIZE"))))
-        return
-      # The data root must be set before gin builds the model (its vocabulary
-      # lives under the data root), i.e. before `train`'s arguments exist.
-      data_dir = gin_utils.macro_value("DATA_DIR")
-      if data_dir:
-        schema.set_data_root(data_dir)
-      train_using_gin(summarize_config_fn=gin_utils.summarize_gin_config)
-    except Exception as e:  # pylint: disable=broad-except
-      if not is_user_error(e):
-        raise
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
+    gin_utils.parse_gin_flags(flag_values.gin_search_paths, flag_values.gin_file,
+                              flag_values.gin_bindings, finalize_config=False)
+    # Task modules register gin configurables at import: import them before
+    # the config is locked (T5X imports them from the gin files).
+    utils.import_module(gin_utils.macro_value("TASK_MODULE"))
+    gin.finalize()
+    if gin_utils.macro_value("DRY_RUN", False):
+      print(json.dumps(dry_run(batch_size=gin_utils.macro_value("BATCH_SIZE"))))
+      return
+    # The data root must be set before gin builds the model (its vocabulary
+    # lives under the data root), i.e. before `train`'s arguments exist.
+    data_dir = gin_utils.macro_value("DATA_DIR")
+    if data_dir:
+      schema.set_data_root(data_dir)
+    train_using_gin(summarize_config_fn=gin_utils.summarize_gin_config)
 
-  gin_utils.run(_main, argv)
+  gin_utils.run_cli(body, is_user_error, argv)
 
 
 if __name__ == "__main__":
