@@ -182,13 +182,9 @@ def _configured_model(model=gin.REQUIRED):
 
 def summarize_gin_config(model_dir: str, summary_writer, step: int) -> None:
   """Writes the full gin config to ``model_dir/config.gin`` and as a text summary."""
+  from p5jax import fileio  # pylint: disable=g-import-not-at-top
   config_str = gin.config_str()
-  os.makedirs(model_dir, exist_ok=True)
-  path = os.path.join(model_dir, "config.gin")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config_str)
-  os.replace(tmp, path)
+  fileio.atomic_write(os.path.join(model_dir, "config.gin"), config_str.encode())
   if summary_writer is not None:
     md = "\n".join("    " + line for line in config_str.splitlines())
     summary_writer.write_texts(step, {"gin/operative_config": md})
