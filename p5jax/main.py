@@ -55,10 +55,8 @@ class DataConfig:
 def ensure_prepared(cfg: DataConfig, data_root: Optional[str] = None) -> dict:
   """Prepares `cfg.dataset` under `data_root` unless an identical copy exists."""
   root = data_root or schema.data_root()
-  manifest_path = os.path.join(schema.dataset_dir(cfg.dataset, root), "manifest.json")
-  if os.path.exists(manifest_path):
-    with open(manifest_path) as f:
-      manifest = json.load(f)
+  manifest = schema.read_manifest(cfg.dataset, root)
+  if manifest:
     same = (manifest.get("indexing"), manifest.get("seed"), manifest.get("kcore"),
             manifest.get("item_tokens", False)) == (
                 cfg.indexing, cfg.seed, cfg.kcore, cfg.item_tokens)
