@@ -34,7 +34,7 @@ P5 ids are decimal strings starting at "1" ("user_23", "item_7391" in prompts).
 
 Item tokens (``prepare --item_tokens``, manifest ``"item_tokens": true``): every
 item id is also one vocabulary piece, written ``<i7391>`` in prompts and
-targets (`item_text`), so the model reads and writes an item as one token
+targets (`item_token`), so the model reads and writes an item as one token
 instead of its digits (independent indexing; the id numbers still come from
 the chosen indexing). The TFDS data and ``datamaps.json`` keep bare ids.
 
@@ -147,11 +147,6 @@ def item_token(item_id: str) -> str:
 def uses_item_tokens(name: str, root: Optional[str] = None) -> bool:
   """Whether the prepared dataset writes items as tokens (see module doc)."""
   return bool(read_manifest(name, root).get("item_tokens", False))
-
-
-def item_text(name: str, root: Optional[str] = None):
-  """item id -> its text in prompts and targets for the prepared dataset."""
-  return item_token if uses_item_tokens(name, root) else str
 
 
 def tfds_name(name: str, config: str) -> str:
