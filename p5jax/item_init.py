@@ -77,11 +77,10 @@ def spectral_item_vectors(cooc, dim: int, seed: int = 0) -> np.ndarray:
   return vectors
 
 
-def item_token_ids(vocabulary, item_ids: Sequence[str]) -> np.ndarray:
-  """Vocabulary id of each item's own piece (``<i7391>``)."""
+def item_token_ids(catalog, vocabulary) -> np.ndarray:
+  """Vocabulary id of each catalog item's own piece (``<i7391>``), catalog order."""
   ids = []
-  for item in item_ids:
-    tokens = list(vocabulary.encode(schema.item_token(item)))
+  for item, tokens in zip(catalog.item_ids, catalog.item_tokens(vocabulary)):
     piece = tokens[-1] if tokens else None
     if piece is None or vocabulary.decode([piece]).strip() != schema.item_token(item):
       raise ItemInitError(
@@ -121,7 +120,7 @@ class CooccurrenceInit:
     dim = table.shape[1]
     cooc = cooccurrence_matrix(train_parts, len(catalog.item_ids), self.window)
     vectors = spectral_item_vectors(cooc, dim, self.seed)
-    ids = item_token_ids(model.input_vocabulary, catalog.item_ids)
+    ids = item_token_ids(catalog, model.input_vocabulary)
     host = np.asarray(jax.device_get(table)).copy()
     old_std = float(host[ids].std()) or 1.0
     new_std = float(vectors.std()) or 1.0

@@ -19,10 +19,8 @@ from p5jax.data import schema
 from tasks import postprocessors
 from tasks import preprocessors as P
 from tasks import templates as T
+from preprocessors_test import SEQ_SIG  # pylint: disable=g-bad-import-order
 
-SEQ_SIG = {k: tf.TensorSpec([None] if k in ("history", "candidates", "negatives") else [],
-                            tf.string)
-           for k in ("user_id", "user_name", "history", "target", "candidates", "negatives")}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +114,7 @@ def test_cooccurrence_init_rows_follow_training_co_occurrence(roots):
   out = item_init.CooccurrenceInit(dataset="ml100k", window=3)(params, model)
   new = np.asarray(out["token_embedder"]["embedding"])
   catalog = evaluation.Catalog.load("ml100k")
-  ids = item_init.item_token_ids(vocab, catalog.item_ids)
+  ids = item_init.item_token_ids(catalog, vocab)
   others = np.setdiff1d(np.arange(len(table)), ids)
   np.testing.assert_array_equal(new[others], table[others])  # only item rows change
   assert not np.allclose(new[ids], table[ids])
