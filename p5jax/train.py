@@ -297,12 +297,6 @@ def train(
   init_rng, dropout_seed = train_rngs(random_seed)
   init_fn, abstract_state, state_axes = create_train_state(
       model, optimizer, partitioner, shapes, types, init_rng)
-  if param_init_fn is not None:
-    base_init_fn = init_fn
-
-    def init_fn(rng):  # pylint: disable=function-redefined
-      state = base_init_fn(rng)
-      return state.replace(params=param_init_fn(state.params, model))
 
   eval_ds = None
   if train_eval_dataset_cfg is not None:
@@ -324,8 +318,10 @@ def train(
   preemption = checkpoints.PreemptionHandler()
   progress = None
   try:
-    state, position = _initial_state(manager, checkpoint_cfg.restore, init_fn, init_rng,
-                                     abstract_state)
+    state, position = _initial_state(
+        manager, checkpoint_cfg.restore, init_fn, init_rng, abstract_state,
+        fresh_params_fn=None if param_init_fn is None else (
+            lambda params: param_init_fn(params, model)))
     step = int(jax.device_get(state.step))
     consumed = _batches_to_skip(position, train_dataset_cfg)
     # Exact resume: the pipeline is deterministic given its seed, so skipping
@@ -374,19 +370,28 @@ def train(
 
 def _initial_state(manager: checkpoints.CheckpointManager,
                    restore_cfg: Optional[checkpoints.RestoreCheckpointConfig],
-                   init_fn, init_rng, abstract_state):
-  """(state, data position) from model_dir, the restore config, or scratch."""
+                   init_fn, init_rng, abstract_state, fresh_params_fn=None):
+  """(state, data position) from model_dir, the restore config, or scratch.
+
+  `fresh_params_fn(params) -> params` runs only on a scratch start.
+  """
+  def scratch():
+    state = init_fn(init_rng)
+    if fresh_params_fn is not None:
+      state = state.replace(params=fresh_params_fn(state.params))
+    return state, None
+
   if manager.latest_step() is not None:
     return manager.restore(abstract_state)
   if restore_cfg is None or not restore_cfg.path:
-    return init_fn(init_rng), None
+    return scratch()
   try:
     state_dir = checkpoints.resolve_state_dir(restore_cfg.path, restore_cfg.mode,
                                               restore_cfg.step)
   except checkpoints.CheckpointError:
     if restore_cfg.fallback_to_scratch:
       logging.warning("no checkpoint at %s; training from scratch", restore_cfg.path)
-      return init_fn(init_rng), None
+      return scratch()
     raise
   if restore_cfg.params_only:
     state = init_fn(init_rng)
