@@ -86,9 +86,9 @@ def cooccurrence_metrics(sequences, window=5, recent=5):
 
 
 def p5jax_metrics(model_dir, dataset, prompts, beam_size, batch_size):
-  from p5jax import checkpoints, evaluation, recommend, utils  # pylint: disable=g-import-not-at-top
+  from p5jax import checkpoints, evaluation, gin_utils, utils  # pylint: disable=g-import-not-at-top
   from p5jax import eval as eval_lib  # pylint: disable=g-import-not-at-top
-  model, task_module = recommend._model_from_config(  # pylint: disable=protected-access
+  model, task_module, _ = gin_utils.model_from_run_config(
       os.path.join(model_dir, eval_lib.CONFIG_GIN))
   rows = {}
   with tempfile.TemporaryDirectory() as out:
