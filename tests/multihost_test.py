@@ -144,12 +144,7 @@ def reference_run(mesh_shape):
   state = init_fn(init_rng)
   trainer = trainer_lib.Trainer(model, optimizer, partitioner, axes, summary_dir=None,
                                 rng_seed=dropout_seed)
-  losses = []
-  for b in batches:
-    state, metrics = trainer.compiled_train_step(b)(
-        state, partitioner.host_local_to_global(b), trainer._rng)  # pylint: disable=protected-access
-    losses.append(float(metrics["loss"]))
-  trainer.close()
+  state, losses = trainer_test.step_through(trainer, partitioner, state, batches)
   return {"losses": losses, "state": jax.device_get(state.state_dict()), "abstract": abstract}
 
 

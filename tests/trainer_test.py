@@ -152,13 +152,19 @@ def run_steps(partitioner, batches, optimizer=None, config=trainer_lib.TrainerCo
   model = ToyModel(dropout_rate=dropout_rate)
   optimizer = optimizer or optimizers.adamw(1e-2, weight_decay=0.01)
   state, trainer, _ = build(model, partitioner, optimizer, batches[0], config=config)
+  state, losses = step_through(trainer, partitioner, state, batches)
+  return np.array(losses), jax.device_get(state.params), state
+
+
+def step_through(trainer, partitioner, state, batches):
+  """One compiled train step per host batch; returns (state, losses), trainer closed."""
   losses = []
   for b in batches:
     state, metrics = trainer.compiled_train_step(b)(
         state, partitioner.host_local_to_global(b), trainer._rng)  # pylint: disable=protected-access
     losses.append(float(metrics["loss"]))
   trainer.close()
-  return np.array(losses), jax.device_get(state.params), state
+  return state, losses
 
 
 # -- tests -------------------------------------------------------------------------------
